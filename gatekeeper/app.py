@@ -1,0 +1,400 @@
+"""The gateway application: routing, the request pipeline and the operational endpoints.
+
+`make_app(config)` builds an aiohttp application with its own plugin manager. Every request
+under ``/v1`` becomes a `Flow` that runs the hook stages (see `gatekeeper.hookspecs`), and the
+response, from a plugin, the cache or the upstream, is relayed through one code path so that
+observers, metering and audit see hits and misses alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gatekeeper.config import Config
+from gatekeeper.errors import GatewayError
+from gatekeeper.flow import Flow, GatewayResponse, Outcome
+from gatekeeper.logs import get_logger, register_secret
+from gatekeeper.plugins import PluginSet, build_hooks
+
+__all__ = ["Gateway", "GATEWAY", "make_app", "normalize_path"]
+
+log = get_logger("gatekeeper")
+access_log = get_logger("gatekeeper.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_encode_json = msgspec.json.Encoder().encode
+
+
+def normalize_path(raw_path: str) -> str:
+    """The one path every decision uses: decoded, dot segments resolved, slashes merged.
+
+    ``/v1/../admin``, ``/v1/%2e%2e/admin`` and ``//admin`` all become ``/admin``, so routing and
+    authorization can never disagree about which route a request is for.
+    """
+    path = unquote(raw_path.partition("?")[0])
+    normalized = posixpath.normpath("/" + path.lstrip("/"))
+    if normalized.startswith("//"):
+        normalized = "/" + normalized.lstrip("/")
+    return normalized
+
+
+def _new_request_id() -> str:
+    return "req_gk_" + os.urandom(12).hex()
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+class Gateway:
+    """One running gateway: config, plugins, metrics registry and request counters."""
+
+    def __init__(self, config: Config, plugin_set: PluginSet, app: web.Application) -> None:
+        self.config = config
+        self.plugins = plugin_set
+        self.hooks = plugin_set.hooks
+        self.app = app
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self.started = False
+        self.in_flight = 0
+        self.draining = False
+        self.admin_routes: dict[tuple[str, str], Handler] = {}
+        self._max_body = config.server.max_body_bytes
+        self._max_concurrency = config.server.max_concurrency
+        for secret in config.secrets():
+            register_secret(secret)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, _app: web.Application | None = None) -> None:
+        await self.hooks.call_all("startup", gateway=self)
+        self.started = True
+        log.info("gateway started", plugins=[p.name for p in self.plugins.loaded])
+
+    async def stop(self, _app: web.Application | None = None) -> None:
+        self.started = False
+        await self.hooks.call_all("shutdown", gateway=self)
+
+    def mount_routes(self) -> None:
+        for routes in self.hooks.call_sync("register_routes", gateway=self):
+            for route in routes:
+                path = normalize_path(route.path)
+                self.admin_routes[(route.method.upper(), path)] = route.handler  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ routing
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = normalize_path(request.raw_path)
+        if path.startswith("/v1/") or path == "/v1":
+            return await self.run_pipeline(request, path)
+        if path == "/health":
+            return web.json_response({"status": "ok"})
+        if path == "/ready":
+            return await self.ready(request)
+        if path == "/metrics":
+            return web.Response(body=generate_latest(self.metrics), headers={"content-type": CONTENT_TYPE_LATEST})
+        handler = self.admin_routes.get((request.method, path))
+        if handler is not None or path.startswith("/admin/") or path == "/admin":
+            return await self.run_admin(request, path, handler)
+        return self.error_response(GatewayError(404, f"Unknown route {request.method} {path}.", code="unknown_url"))
+
+    async def ready(self, _request: web.Request) -> web.Response:
+        checks: dict[str, Any] = {}
+        for impl in self.hooks.pm.hook.ready_check.get_hookimpls():
+            report = impl.function(*[{"gateway": self}[a] for a in impl.argnames])
+            if asyncio.iscoroutine(report):
+                report = await report
+            if report is not None:
+                checks[impl.plugin_name] = report
+        ready = self.started and not self.draining and all(c.get("ready", True) for c in checks.values())
+        body = {"ready": ready, "started": self.started, "draining": self.draining, "plugins": checks}
+        return web.json_response(body, status=200 if ready else 503)
+
+    def error_response(self, error: GatewayError, request_id: str | None = None) -> web.Response:
+        response = GatewayResponse.from_error(error, request_id or _new_request_id())
+        return web.Response(status=response.status, headers=response.headers, body=response.body)
+
+    async def run_admin(self, request: web.Request, path: str, handler: Handler | None) -> web.StreamResponse:
+        """Admin routes answer only to a principal that `authenticate` marks as admin."""
+        flow = Flow(request, _new_request_id(), path, b"")
+        try:
+            principal = await self.hooks.call_first("authenticate", flow=flow)
+            if principal is None or not principal.is_admin:
+                raise GatewayError(401 if principal is None else 403, "An admin key is required for this route.",
+                                   code="invalid_api_key" if principal is None else "admin_required", outcome=Outcome.AUTH_FAIL)
+            if handler is None:
+                raise GatewayError(404, f"Unknown route {request.method} {path}.", code="unknown_url")
+            request["principal"] = principal
+            return await handler(request)
+        except GatewayError as error:
+            return self.error_response(error, flow.request_id)
+
+    # ------------------------------------------------------------ the pipeline
+
+    async def run_pipeline(self, request: web.Request, path: str) -> web.StreamResponse:
+        request_id = _new_request_id()
+        if self._max_concurrency and self.in_flight >= self._max_concurrency:
+            return self.error_response(
+                GatewayError(503, "The gateway is at its concurrency limit; retry shortly.", code="overloaded",
+                             headers={"retry-after": "1"}), request_id)
+        if request.content_length is not None and request.content_length > self._max_body:
+            return self.error_response(self._too_large(), request_id)
+        self.in_flight += 1
+        flow: Flow | None = None
+        try:
+            try:
+                body = await self._read_body(request) if request.body_exists else b""
+            except GatewayError as error:
+                return self.error_response(error, request_id)
+            flow = Flow(request, request_id, path, body)
+            return await self._run_stages(flow)
+        finally:
+            self.in_flight -= 1
+            if flow is not None:
+                self._access_log(flow)
+
+    def _too_large(self) -> GatewayError:
+        return GatewayError(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.",
+                            code="request_too_large")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self.config.server.body_timeout_s):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large() from None
+        except TimeoutError:
+            raise GatewayError(408, "Timed out reading the request body.", code="request_timeout") from None
+
+    async def _run_stages(self, flow: Flow) -> web.StreamResponse:
+        hooks = self.hooks
+        try:
+            try:
+                flow.principal = await hooks.call_first("authenticate", flow=flow)
+                if flow.response is None:
+                    await hooks.call_all("normalize_request", flow=flow)
+                if flow.response is None:
+                    await hooks.call_all("check_request", flow=flow)
+                if flow.response is None:
+                    flow.response = await hooks.call_first("cache_lookup", flow=flow)
+                    if flow.response is not None:
+                        flow.outcome = Outcome.CACHE_HIT
+                if flow.response is None:
+                    flow.response = await hooks.call_first("forward_request", flow=flow)
+                    if flow.response is None:
+                        raise GatewayError(502, "No plugin forwarded the request upstream.", outcome=Outcome.UPSTREAM_ERROR)
+            except GatewayError as error:
+                return await self._refuse(flow, error)
+            return await self._relay(flow)
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler): the flow still gets its one end call.
+            if flow.outcome not in (Outcome.CLIENT_ABORT,) and not flow.scratch.get("_ended"):
+                flow.outcome = Outcome.CLIENT_ABORT
+                await self._end_with_error(flow, ConnectionResetError("client disconnected"))
+            raise
+        except Exception as error:  # a plugin bug: answer 500, log the traceback, never show it
+            log.exception("pipeline error", request_id=flow.request_id, path=flow.path)
+            if flow.scratch.get("_ended"):
+                raise
+            gateway_error = GatewayError(500, "The gateway had an error while processing your request.",
+                                         type="server_error", code="gateway_error", outcome=Outcome.UPSTREAM_ERROR)
+            gateway_error.__cause__ = error
+            return await self._refuse(flow, gateway_error)
+        finally:
+            response = flow.response
+            if response is not None and response.release is not None:
+                response.release()
+
+    async def _refuse(self, flow: Flow, error: GatewayError) -> web.Response:
+        flow.outcome = flow.outcome if flow.outcome in (Outcome.CLIENT_ABORT, Outcome.TRUNCATED) else error.outcome
+        if flow.response is not None and flow.response.release is not None:
+            flow.response.release()
+        flow.response = GatewayResponse.from_error(error, flow.request_id)
+        flow.status = error.status
+        self._finish_headers(flow, flow.response.headers)
+        await self._end_with_error(flow, error)
+        return web.Response(status=error.status, headers=flow.response.headers, body=flow.response.body)
+
+    def _finish_headers(self, flow: Flow, headers: CIMultiDict[str]) -> None:
+        headers.setdefault("x-request-id", flow.request_id)
+        headers["x-gatekeeper-request-id"] = flow.request_id
+        if flow.cache_status is not None:
+            headers["x-gatekeeper-cache"] = flow.cache_status
+
+    async def _end_with_error(self, flow: Flow, error: BaseException) -> None:
+        if flow.scratch.get("_ended"):
+            return
+        flow.scratch["_ended"] = True
+        flow.error = error
+        flow.time_end = time.time()
+        for function, argnames in self.hooks.impls("exchange_error"):
+            try:
+                result = function(*[{"flow": flow, "error": error}[a] for a in argnames])
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("exchange_error hook failed", request_id=flow.request_id)
+
+    async def _complete(self, flow: Flow) -> GatewayError | None:
+        """Run exchange_complete; a GatewayError from it (audit can't write) fails the flow."""
+        flow.time_end = time.time()
+        if flow.outcome is None:
+            flow.outcome = Outcome.OK if (flow.status or 0) < 400 else (
+                Outcome.UPSTREAM_ERROR if flow.upstream_request_id or flow.attempts else Outcome.REJECTED)
+        try:
+            await self.hooks.call_all("exchange_complete", flow=flow)
+        except GatewayError as error:
+            flow.outcome = error.outcome
+            await self._end_with_error(flow, error)
+            return error
+        except Exception as error:
+            log.exception("exchange_complete hook failed", request_id=flow.request_id)
+            flow.scratch["_ended"] = True
+            return None
+        flow.scratch["_ended"] = True
+        return None
+
+    async def _relay(self, flow: Flow) -> web.StreamResponse:
+        """Send flow.response to the client, through the observers, then end the flow."""
+        response = flow.response
+        assert response is not None
+        flow.status = response.status
+        headers = response.headers
+        self._finish_headers(flow, headers)
+
+        chunks: AsyncIterator[bytes] | None = response.chunks
+        observed = False
+        if self.hooks.has_impls("wrap_response_stream"):
+            source = chunks if chunks is not None else _once(response.body or b"")
+            wrapped = source
+            for function, argnames in self.hooks.impls("wrap_response_stream"):
+                result = function(*[{"flow": flow, "chunks": wrapped}[a] for a in argnames])
+                if result is not None:
+                    wrapped = result
+            if wrapped is not source:
+                chunks, observed = wrapped, True
+
+        if chunks is None or (response.body is not None and not observed):
+            # The whole body is in memory (cache hit, small upstream reply): one write.
+            body = response.body or b""
+            if flow.collect_response_body:
+                flow.response_body = body
+            failure = await self._complete(flow)
+            if failure is not None:
+                return self._failed_response(flow, failure)
+            flow.bytes_sent = len(body)
+            return web.Response(status=response.status, headers=headers, body=body)
+        return await self._stream(flow, chunks, headers)
+
+    def _failed_response(self, flow: Flow, error: GatewayError) -> web.Response:
+        failed = GatewayResponse.from_error(error, flow.request_id)
+        flow.status = error.status
+        return web.Response(status=error.status, headers=failed.headers, body=failed.body)
+
+    async def _stream(self, flow: Flow, chunks: AsyncIterator[bytes], headers: CIMultiDict[str]) -> web.StreamResponse:
+        request = flow.request
+        stream = web.StreamResponse(status=flow.status or 200, headers=headers)
+        collected: list[bytes] | None = [] if flow.collect_response_body else None
+        held: bytes | None = None  # one chunk is held back so exchange_complete runs before the end is released
+        iterator = chunks.__aiter__()
+        try:
+            await stream.prepare(request)
+        except (ConnectionError, RuntimeError) as error:
+            flow.outcome = Outcome.CLIENT_ABORT
+            await self._end_with_error(flow, error)
+            return stream
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the upstream broke mid-body: the client must see a broken stream too
+                if held is not None:
+                    await self._write(stream, flow, held)
+                flow.outcome = Outcome.TRUNCATED
+                await self._end_with_error(flow, error)
+                _abort(request)
+                return stream
+            if collected is not None:
+                collected.append(chunk)
+            if held is not None and not await self._write(stream, flow, held):
+                flow.outcome = Outcome.CLIENT_ABORT
+                await self._end_with_error(flow, ConnectionResetError("client disconnected"))
+                return stream
+            held = chunk
+        if collected is not None:
+            flow.response_body = collected[0] if len(collected) == 1 else b"".join(collected)
+        failure = await self._complete(flow)
+        if failure is not None:
+            _abort(request)  # headers are gone: the only honest signal left is a broken stream
+            return stream
+        if held is not None:
+            await self._write(stream, flow, held)
+        try:
+            await stream.write_eof()
+        except ConnectionError:
+            pass
+        return stream
+
+    async def _write(self, stream: web.StreamResponse, flow: Flow, chunk: bytes) -> bool:
+        try:
+            await stream.write(chunk)
+        except ConnectionError:
+            return False
+        flow.bytes_sent += len(chunk)
+        return True
+
+    def _access_log(self, flow: Flow) -> None:
+        if not self.config.server.access_log:
+            return
+        principal = flow.principal
+        access_log.info(
+            "request",
+            request_id=flow.request_id,
+            method=flow.method,
+            path=flow.path,
+            status=flow.status,
+            ms=round(flow.elapsed_ms, 2),
+            tenant=principal.tenant if principal else None,
+            key_id=principal.key_id if principal else None,
+            model=flow.scratch.get("model"),
+            cache=flow.cache_status,
+            outcome=flow.outcome,
+            upstream_request_id=flow.upstream_request_id,
+        )
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def make_app(config: Config, extra_plugins: list[Any] | None = None) -> web.Application:
+    """Build the aiohttp application for `config` (plus plugins registered just for tests)."""
+    plugin_set = build_hooks(config, extra_plugins)
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    gateway = Gateway(config, plugin_set, app)
+    app[GATEWAY] = gateway
+    gateway.mount_routes()
+    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    app.on_startup.append(gateway.start)
+    app.on_cleanup.append(gateway.stop)
+    return app

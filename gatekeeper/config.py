@@ -1,0 +1,196 @@
+"""Configuration: a TOML file decoded into msgspec Structs.
+
+The core owns ``[server]``, ``[upstream]``, ``[upstreams.NAME]`` and ``[plugins]``. Every other
+section belongs to the plugin that declares it (its ``Plugin.config_section`` and
+``Plugin.Config`` struct) and is decoded by `gatekeeper.plugins` once plugins are loaded.
+Unknown keys and sections are errors that name the key and the file; ``${VAR}`` (or
+``${VAR:-default}``) is replaced from the environment, and a missing variable is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "PluginsConfig",
+    "ServerConfig",
+    "UpstreamConfig",
+    "decode_section",
+    "load_config",
+    "parse_config",
+    "resolve_config_path",
+]
+
+# The built-in plugins, in the order their hooks are called (each lives in plugins/<name>.py,
+# installed as gatekeeper_plugins.<name>).
+BUILTIN_PLUGINS = {
+    "forward": "gatekeeper_plugins.forward",
+}
+DEFAULT_BUILTINS = list(BUILTIN_PLUGINS)
+CORE_SECTIONS = ("server", "upstream", "upstreams", "plugins")
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config file that can't be used; the message names the file and the key."""
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    unix_socket: str | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_concurrency: int = 512
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 30.0
+    write_buffer_bytes: int = 1024 * 1024
+    uvloop: bool = False
+    access_log: bool = True
+    log_level: str = "info"
+    log_format: str = "auto"  # "json", "console", or "auto" (console on a TTY)
+
+
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    base_url: str = "https://api.openai.com/v1"
+    api_key: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    priority: int = 0
+    weight: int = 1
+    max_retries: int = 2
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0
+    total_timeout_s: float = 900.0
+    retry_after_send: bool = False
+    retry_backoff_s: float = 0.5
+    retry_max_delay_s: float = 8.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+
+
+class PluginsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    builtins: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_BUILTINS))
+    modules: list[str] = msgspec.field(default_factory=list)
+    paths: list[str] = msgspec.field(default_factory=list)
+    blocked: list[str] = msgspec.field(default_factory=list)
+    entry_points: bool = True
+
+
+class Config(msgspec.Struct, kw_only=True):
+    """The whole configuration: core sections decoded, plugin sections kept raw until loading."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    upstream: UpstreamConfig | None = None
+    upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=dict)
+    plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
+    sections: dict[str, Any] = msgspec.field(default_factory=dict)
+    path: str = "<memory>"
+
+    def all_upstreams(self) -> dict[str, UpstreamConfig]:
+        """Named upstreams; a lone ``[upstream]`` is named ``default``."""
+        upstreams = dict(self.upstreams)
+        if self.upstream is not None:
+            upstreams.setdefault("default", self.upstream)
+        return upstreams
+
+    def secrets(self) -> list[str]:
+        """Every upstream key: values that must never appear in a response or a log line."""
+        return [u.api_key for u in self.all_upstreams().values() if u.api_key]
+
+
+class _CoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    upstream: UpstreamConfig | None = None
+    upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=dict)
+    plugins: PluginsConfig = msgspec.field(default_factory=PluginsConfig)
+
+
+def resolve_config_path(cli_path: str | None) -> Path:
+    """``--config``, then ``$GATEKEEPER_CONFIG``, then ``./config.toml``."""
+    return Path(cli_path or os.environ.get("GATEKEEPER_CONFIG") or "config.toml")
+
+
+def _interpolate(value: Any, where: str, path: str, environ: os._Environ[str] | dict[str, str]) -> Any:
+    if isinstance(value, str):
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: {where} uses ${{{name}}}, but the environment variable {name} is not set")
+
+        return _ENV_PATTERN.sub(replace, value) if "${" in value else value
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else k, path, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{where}[{i}]", path, environ) for i, v in enumerate(value)]
+    return value
+
+
+def _where(error: msgspec.ValidationError, prefix: str = "") -> str:
+    """Turn msgspec's ``... - at `$.server.port``` into a TOML-ish key name."""
+    message = str(error)
+    match = re.search(r"at `\$\.?([^`]*)`", message)
+    key = match.group(1) if match else ""
+    unknown = re.search(r"unknown field `([^`]+)`", message)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+    key = re.sub(r"\[(\d+)\]", r"[\1]", key)
+    full = ".".join(part for part in (prefix, key) if part)
+    text = message.split(" - at ")[0]
+    return f"[{full}] {text}" if full else text
+
+
+def decode_section(raw: Any, struct: type[T], section: str, path: str) -> T:
+    """Decode one plugin section into its Struct, with errors that name key and file."""
+    try:
+        return msgspec.convert(raw if raw is not None else {}, struct, strict=True)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"{path}: {_where(error, section)}") from None
+
+
+def parse_config(raw: dict[str, Any], path: str = "<memory>", environ: dict[str, str] | None = None) -> Config:
+    """Validate an already-parsed TOML document (env interpolation included)."""
+    raw = _interpolate(raw, "", path, os.environ if environ is None else environ)
+    core = {k: v for k, v in raw.items() if k in CORE_SECTIONS}
+    try:
+        decoded = msgspec.convert(core, _CoreConfig, strict=True)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"{path}: {_where(error)}") from None
+    config = Config(
+        server=decoded.server,
+        upstream=decoded.upstream,
+        upstreams=decoded.upstreams,
+        plugins=decoded.plugins,
+        sections={k: v for k, v in raw.items() if k not in CORE_SECTIONS},
+        path=path,
+    )
+    if not config.all_upstreams():
+        config.upstream = UpstreamConfig()
+    return config
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file (plugin sections are checked when plugins load)."""
+    resolved = resolve_config_path(str(path) if path else None)
+    try:
+        with open(resolved, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{resolved}: config file not found (use --config or GATEKEEPER_CONFIG)") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{resolved}: not valid TOML: {error}") from None
+    return parse_config(raw, str(resolved), environ)

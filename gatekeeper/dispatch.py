@@ -1,0 +1,87 @@
+"""Async-aware hook calls in pluggy's order.
+
+Pluggy keeps registration, validation, blocking and ordering, but it has no asyncio support: a
+``firstresult`` hook whose impls are ``async def`` would stop at the first coroutine object.
+`Hooks` walks ``hook.get_hookimpls()`` in the order pluggy would call them and awaits every
+result that is awaitable (datasette's ``await_me_maybe``). The order of each hook is computed
+once and cached; registering or unregistering a plugin through `Hooks` refreshes it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+__all__ = ["Hooks"]
+
+_Impl = tuple[Callable[..., Any], tuple[str, ...]]
+
+
+class Hooks:
+    """Calls the hooks of one plugin manager (one per gateway app, never module-global)."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._order: dict[str, list[_Impl]] = {}
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        registered = self.pm.register(plugin, name=name)
+        self._order.clear()
+        return registered
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        removed = self.pm.unregister(plugin=plugin, name=name)
+        self._order.clear()
+        return removed
+
+    def impls(self, name: str) -> list[_Impl]:
+        """The impls of hook `name` in call order, as (function, argument names)."""
+        order = self._order.get(name)
+        if order is None:
+            caller = getattr(self.pm.hook, name)
+            order = []
+            # pluggy calls the list from the end: tryfirst impls sit last, trylast ones first.
+            for impl in reversed(caller.get_hookimpls()):
+                if impl.hookwrapper or impl.wrapper:
+                    raise TypeError(f"plugin {impl.plugin_name!r}: hook wrappers are not supported for {name}")
+                order.append((impl.function, tuple(impl.argnames)))
+            self._order[name] = order
+        return order
+
+    def has_impls(self, name: str) -> bool:
+        return bool(self.impls(name))
+
+    async def call_first(self, name: str, **kwargs: Any) -> Any:
+        """Await impls in order and return the first non-None result."""
+        for function, argnames in self.impls(name):
+            result = function(*[kwargs[arg] for arg in argnames])
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                return result
+        return None
+
+    async def call_all(self, name: str, **kwargs: Any) -> list[Any]:
+        """Await every impl in order; return their non-None results."""
+        results = []
+        for function, argnames in self.impls(name):
+            result = function(*[kwargs[arg] for arg in argnames])
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                results.append(result)
+        return results
+
+    def call_sync(self, name: str, **kwargs: Any) -> list[Any]:
+        """Call every impl of a synchronous hook (routes, commands); return non-None results."""
+        results = []
+        for function, argnames in self.impls(name):
+            result = function(*[kwargs[arg] for arg in argnames])
+            if inspect.isawaitable(result):
+                raise TypeError(f"hook {name} must not be async ({function.__qualname__})")
+            if result is not None:
+                results.append(result)
+        return results

@@ -1,0 +1,83 @@
+"""Structured logs: JSON lines off a TTY, readable console lines on one.
+
+Every log line passes `redact`, which removes registered secrets (upstream keys) and anything
+that looks like a bearer token or an API key, so no log line can carry a key whatever a
+plugin puts in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure_logging", "get_logger", "register_secret", "redact_text"]
+
+_secrets: set[str] = set()
+_TOKEN_PATTERN = re.compile(r"(?i)(bearer\s+)[^\s\"',]+|\bsk-[A-Za-z0-9_\-]{6,}")
+
+
+def register_secret(value: str | None) -> None:
+    """Never let `value` appear in a log line."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact_text(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
+    return _TOKEN_PATTERN.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _redact_processor(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    return {key: _redact(value) for key, value in event_dict.items()}
+
+
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """Set up structlog (and route stdlib logging through the same redaction)."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=False) if use_console else structlog.processors.JSONRenderer()
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def get_logger(name: str = "gatekeeper") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,104 @@
+"""Running the gateway: sockets, signals, graceful shutdown and live reload.
+
+`serve` is what ``gatekeeper serve`` runs; `start_gateway` is the same start-up without the
+signal handling, for tests and the plugin test kit, so tests exercise the production runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from gatekeeper.app import GATEWAY, Gateway, make_app
+from gatekeeper.config import Config, ConfigError, load_config
+from gatekeeper.logs import get_logger
+
+__all__ = ["RunningGateway", "start_gateway", "serve"]
+
+log = get_logger("gatekeeper.server")
+
+
+@dataclass
+class RunningGateway:
+    runner: web.AppRunner
+    gateway: Gateway
+    url: str  # "http://127.0.0.1:PORT" (or "unix:/path")
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = None,
+                        host: str | None = None, port: int | None = None) -> RunningGateway:
+    """Build the app and listen on the configured TCP address or unix socket."""
+    app = make_app(config, extra_plugins)
+    server = config.server
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,  # a client that goes away cancels its flow (and its upstream call)
+        shutdown_timeout=server.shutdown_timeout_s,
+        max_field_size=16384,
+    )
+    await runner.setup()
+    if server.unix_socket:
+        site: web.BaseSite = web.UnixSite(runner, server.unix_socket, shutdown_timeout=server.shutdown_timeout_s)
+        await site.start()
+        url = f"unix:{server.unix_socket}"
+    else:
+        site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
+                           backlog=4096, shutdown_timeout=server.shutdown_timeout_s)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        bound = sockets[0].getsockname()[1] if sockets else port
+        url = f"http://{host or server.host}:{bound}"
+    return RunningGateway(runner, app[GATEWAY], url)
+
+
+async def _serve(config: Config, ready_message: str | None = None) -> None:
+    running = await start_gateway(config)
+    gateway = running.gateway
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            fresh = load_config(config.path)
+            from gatekeeper.plugins import build_hooks  # validate plugin sections too
+
+            build_hooks(fresh)
+        except ConfigError as error:
+            log.error("reload refused: config is invalid", error=str(error))
+            return
+        asyncio.ensure_future(gateway.hooks.call_all("reload_config", gateway=gateway, config=fresh))
+        log.info("config reloaded", path=config.path)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if not config.path.startswith("<"):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    log.info("listening", url=running.url)
+    if ready_message:
+        print(ready_message, flush=True)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests", in_flight=gateway.in_flight)
+    gateway.draining = True
+    await running.stop()
+    log.info("stopped")
+
+
+def serve(config: Config, ready_message: str | None = None) -> None:
+    if config.server.uvloop:
+        import uvloop
+
+        uvloop.run(_serve(config, ready_message))
+    else:
+        asyncio.run(_serve(config, ready_message))

@@ -1,0 +1,49 @@
+"""pytest fixtures for gatekeeper's tests and for plugin authors (loaded via the ``pytest11`` entry point).
+
+- ``fake_upstream``: a running `FakeUpstream` (contract-exact fake OpenAI API) with fault injection.
+- ``gateway_kit``: starts gateways in front of it: ``await gateway_kit.start({"cache": {...}}, plugins=[p])``.
+- ``gateway``: one gateway with the default test config.
+- ``openai_client``: an ``openai.AsyncOpenAI`` pointed at ``gateway`` with the test client key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gatekeeper.server import RunningGateway
+from gatekeeper.testing.fake_upstream import FakeUpstream
+from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY, GatewayKit
+
+
+@pytest.fixture
+async def fake_upstream() -> AsyncIterator[FakeUpstream]:
+    upstream = FakeUpstream(api_key=UPSTREAM_KEY)
+    upstream.base_url = await upstream.start()  # type: ignore[attr-defined]
+    try:
+        yield upstream
+    finally:
+        await upstream.stop()
+
+
+@pytest.fixture
+async def gateway_kit(fake_upstream: FakeUpstream, tmp_path) -> AsyncIterator[GatewayKit]:
+    kit = GatewayKit(fake_upstream.base_url, tmp_path)  # type: ignore[attr-defined]
+    try:
+        yield kit
+    finally:
+        await kit.stop_all()
+
+
+@pytest.fixture
+async def gateway(gateway_kit: GatewayKit) -> RunningGateway:
+    return await gateway_kit.start()
+
+
+@pytest.fixture
+async def openai_client(gateway: RunningGateway):
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
+        yield client
