@@ -192,6 +192,8 @@ class Gateway:
                     if flow.response is not None:
                         flow.outcome = Outcome.CACHE_HIT
                 if flow.response is None:
+                    await hooks.call_all("before_forward", flow=flow)
+                if flow.response is None:
                     flow.response = await hooks.call_first("forward_request", flow=flow)
                     if flow.response is None:
                         raise GatewayError(502, "No plugin forwarded the request upstream.", outcome=Outcome.UPSTREAM_ERROR)

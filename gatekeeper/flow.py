@@ -95,7 +95,7 @@ class Flow:
         "client_ip", "time_start", "started", "time_end", "_json", "principal", "canonical",
         "cache_key", "cache_status", "upstream_name", "response", "status", "attempts",
         "upstream_request_id", "openai_organization", "openai_project", "upstream_latency_s",
-        "collect_response_body", "response_body", "usage", "cost_usd", "saved_usd", "outcome",
+        "collect_response_body", "response_body", "usage", "annotations", "cost_usd", "saved_usd", "outcome",
         "error", "bytes_sent", "scratch",
     )
 
@@ -127,7 +127,10 @@ class Flow:
         self.upstream_latency_s: float | None = None
         self.collect_response_body = False  # a plugin sets it to get `response_body` at the end
         self.response_body: bytes | None = None
-        self.usage: dict[str, Any] | None = None
+        self.usage: dict[str, Any] | None = None  # the upstream's `usage` object, as sent
+        # Facts about the response that plugins derive once on a miss (image hashes, C2PA) and the
+        # cache stores with the entry and restores on a hit, so they are never recomputed.
+        self.annotations: dict[str, Any] = {}
         self.cost_usd: Decimal | None = None
         self.saved_usd: Decimal | None = None
         self.outcome: str | None = None

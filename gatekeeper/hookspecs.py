@@ -6,8 +6,8 @@ An impl may accept fewer arguments than its spec lists.
 
 A request meets the stages in this order::
 
-    authenticate -> normalize_request -> check_request -> cache_lookup -> forward_request
-        -> wrap_response_stream -> exchange_complete | exchange_error
+    authenticate -> normalize_request -> check_request -> cache_lookup -> before_forward
+        -> forward_request -> wrap_response_stream -> exchange_complete | exchange_error
 
 Any stage may end the request early by setting ``flow.response`` or by raising
 ``gatekeeper.errors.GatewayError``. Every flow ends in exactly one ``exchange_complete`` or
@@ -42,6 +42,7 @@ __all__ = [
     "normalize_request",
     "check_request",
     "cache_lookup",
+    "before_forward",
     "forward_request",
     "wrap_response_stream",
     "exchange_complete",
@@ -145,6 +146,15 @@ def cache_lookup(flow: Flow) -> GatewayResponse | None:
     """
 
 
+@hookspec
+def before_forward(flow: Flow) -> None:
+    """Last check before the upstream is called, on a cache miss only: raise `GatewayError` to refuse.
+
+    Budgets belong here: a cache hit costs nothing and never reaches this stage. Every impl runs;
+    an impl that reserves something releases it in `exchange_complete` / `exchange_error`.
+    """
+
+
 @hookspec(firstresult=True)
 def forward_request(flow: Flow) -> GatewayResponse | None:
     """Send the request upstream and return its response, headers read and body still streaming.
@@ -169,6 +179,9 @@ def exchange_complete(flow: Flow) -> None:
 
     Called once per flow after the last body byte has passed `wrap_response_stream`, just before
     that byte is released to the client, so a durable record can precede the response. Keep it fast.
+    Built-in order: metering (``tryfirst``: sets ``flow.usage`` and cost), audit (may refuse with
+    503 by raising `GatewayError`, which stops the remaining impls), cache (``trylast``: stores the
+    response with ``flow.usage`` and ``flow.annotations``).
     """
 
 
