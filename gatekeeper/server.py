@@ -50,12 +50,12 @@ async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = Non
     )
     await runner.setup()
     if server.unix_socket:
-        site: web.BaseSite = web.UnixSite(runner, server.unix_socket, shutdown_timeout=server.shutdown_timeout_s)
+        site: web.BaseSite = web.UnixSite(runner, server.unix_socket)
         await site.start()
         url = f"unix:{server.unix_socket}"
     else:
         site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
-                           backlog=4096, shutdown_timeout=server.shutdown_timeout_s)
+                           backlog=4096)
         await site.start()
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         bound = sockets[0].getsockname()[1] if sockets else port

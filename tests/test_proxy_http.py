@@ -1,0 +1,162 @@
+"""Raw HTTP at the edges: header hygiene, limits, upstream failures, unbuffered streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
+
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+async def post(url, body=None, headers=None, **kwargs):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body, headers={**AUTH, **(headers or {})}, **kwargs) as response:
+            return response.status, response.headers.copy(), await response.read()
+
+
+async def test_hop_by_hop_request_headers_never_reach_upstream(gateway, fake_upstream):
+    status, _, _ = await post(gateway.base_url + "/images/generations", {"model": "gpt-image-1.5", "prompt": "hop"},
+                              headers={"Connection": "keep-alive, X-Private-Hop", "X-Private-Hop": "secret",
+                                       "Keep-Alive": "timeout=5", "TE": "trailers", "X-End-To-End": "kept"})
+    assert status == 200
+    sent = fake_upstream.calls[-1].headers
+    for name in ("X-Private-Hop", "Keep-Alive", "TE"):
+        assert name not in sent
+    assert sent["X-End-To-End"] == "kept"
+
+
+@pytest.fixture
+async def custom_upstream():
+    """Start a one-handler upstream: `url = await custom_upstream(handler)`."""
+    runners = []
+
+    async def start(handler) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_hop_by_hop_response_headers_are_stripped(gateway_kit, custom_upstream):
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b'{"ok":true}', content_type="application/json",
+                            headers={"Connection": "X-Upstream-Hop", "X-Upstream-Hop": "1", "Keep-Alive": "timeout=9",
+                                     "X-Request-Id": "req_custom", "X-Ratelimit-Remaining-Requests": "7"})
+
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream)}})
+    status, headers, body = await post(gateway.base_url + "/chat/completions", {"model": "gpt-4o-mini", "messages": []})
+    assert (status, body) == (200, b'{"ok":true}')
+    assert "X-Upstream-Hop" not in headers and "Keep-Alive" not in headers
+    assert headers["X-Request-Id"] == "req_custom"  # the upstream's id is kept, not replaced
+    assert headers["X-Ratelimit-Remaining-Requests"] == "7"
+
+
+async def test_gateway_adds_its_own_x_request_id_only_when_upstream_sent_none(gateway_kit, custom_upstream):
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b'{"object":"list","data":[]}', content_type="application/json")
+
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream)}})
+    status, headers, _ = await post(gateway.base_url + "/chat/completions", {"model": "gpt-4o-mini", "messages": []})
+    assert status == 200
+    assert headers["x-request-id"] == headers["x-gatekeeper-request-id"]
+    assert headers["x-request-id"].startswith("req_gk_")
+
+
+async def test_unknown_json_fields_reach_upstream_untouched(gateway, fake_upstream):
+    body = b'{"model":"gpt-image-1.5","prompt":"raw","future_field":{"nested":[1,2.50,"x"]},"svg":true}'
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.base_url + "/images/generations", data=body,
+                                headers={**AUTH, "Content-Type": "application/json"}) as response:
+            assert response.status == 200
+    assert fake_upstream.calls[-1].body == body
+
+
+async def test_body_over_max_body_bytes_gets_413_before_it_is_read(gateway_kit, fake_upstream):
+    gateway = await gateway_kit.start({"server": {"max_body_bytes": 1024}})
+    status, headers, body = await post(gateway.base_url + "/images/generations", {"prompt": "x" * 4096})
+    assert status == 413
+    error = msgspec.json.decode(body)["error"]
+    assert error["code"] == "request_too_large" and set(error) == {"message", "type", "param", "code"}
+    assert headers["x-request-id"]
+    assert fake_upstream.count() == 0
+
+
+async def test_chunked_body_over_the_limit_gets_413(gateway_kit, fake_upstream):
+    gateway = await gateway_kit.start({"server": {"max_body_bytes": 1024}})
+
+    async def chunks():
+        for _ in range(8):
+            yield b"x" * 512
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.base_url + "/images/generations", data=chunks(),
+                                headers={**AUTH, "Content-Type": "application/json"}) as response:
+            assert response.status == 413
+    assert fake_upstream.count() == 0
+
+
+async def test_unreachable_upstream_gives_502_openai_shaped(gateway_kit):
+    gateway = await gateway_kit.start({"upstream": {"base_url": "http://127.0.0.1:9/v1"}})
+    status, headers, body = await post(gateway.base_url + "/images/generations", {"model": "gpt-image-1.5", "prompt": "x"})
+    assert status == 502
+    error = msgspec.json.decode(body)["error"]
+    assert error["code"] == "upstream_unreachable" and error["type"]
+    assert headers["x-request-id"]
+    assert UPSTREAM_KEY.encode() not in body
+
+
+async def test_upstream_stall_gives_504(gateway_kit, fake_upstream):
+    gateway = await gateway_kit.start({"upstream": {"read_timeout_s": 0.5}})
+    fake_upstream.inject(path="/v1/images/generations", status=200, delay_s=3)
+    started = time.monotonic()
+    status, _, body = await post(gateway.base_url + "/images/generations", {"model": "gpt-image-1.5", "prompt": "stall"})
+    assert status == 504
+    assert msgspec.json.decode(body)["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 2.5
+
+
+async def test_sse_events_reach_the_client_as_they_arrive(gateway, fake_upstream):
+    fake_upstream.stream_interval_s = 0.3
+    arrivals = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.base_url + "/images/generations", headers=AUTH,
+                                json={"model": "gpt-image-1.5", "prompt": "slow stream", "stream": True, "partial_images": 3}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            started = time.monotonic()
+            async for line in response.content:
+                if line.startswith(b"event:"):
+                    arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 4
+    # Unbuffered: the first event arrives long before the last one was even produced.
+    assert arrivals[-1] - arrivals[0] > 0.6
+
+
+async def test_health_needs_no_auth_and_ready_reports_plugins(gateway):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/health") as response:
+            assert response.status == 200
+        async with session.get(gateway.url + "/ready") as response:
+            body = await response.json()
+            assert response.status == 200 and body["ready"] is True and body["started"] is True
+
+
+async def test_unknown_non_v1_route_is_an_openai_shaped_404(gateway):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/nope") as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "unknown_url"
