@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 from aiohttp import web
@@ -43,16 +43,16 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 __all__ = [
-    "FakeUpstream",
-    "RecordedCall",
-    "serve",
-    "png_bytes",
-    "jpeg_bytes",
-    "webp_bytes",
-    "output_image_tokens",
+    "INPUT_IMAGE_TOKENS_PER_IMAGE",
     "OUTPUT_IMAGE_TOKENS",
     "PARTIAL_IMAGE_TOKENS",
-    "INPUT_IMAGE_TOKENS_PER_IMAGE",
+    "FakeUpstream",
+    "RecordedCall",
+    "jpeg_bytes",
+    "output_image_tokens",
+    "png_bytes",
+    "serve",
+    "webp_bytes",
 ]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -90,9 +90,7 @@ def _c2pa_manifest_store(seed: str) -> bytes:
     description = box(b"jumd", c2pa_uuid + b"\x03" + b"c2pa\x00")
     claim = box(
         b"json",
-        msgspec.json.encode(
-            {"claim_generator": "gatekeeper-fake-upstream", "seed_sha256": _seed_digest(seed).hex()}
-        ),
+        msgspec.json.encode({"claim_generator": "gatekeeper-fake-upstream", "seed_sha256": _seed_digest(seed).hex()}),
     )
     return box(b"jumb", description + claim)
 
@@ -103,7 +101,7 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 
 
 def png_bytes(seed: str, px: int = 32, c2pa: bool = False) -> bytes:
-    """A valid px×px RGB PNG of one colour taken from sha256(seed).
+    """A valid px-by-px RGB PNG of one colour taken from sha256(seed).
 
     With ``c2pa=True`` it carries a ``caBX`` chunk (a C2PA-shaped manifest store) before
     IDAT, so provenance-preservation tests can check that bytes pass through untouched.
@@ -244,7 +242,9 @@ class RecordedCall:
 
     def part_names(self) -> list[str]:
         """The ``name`` of every multipart part, in order (``image`` vs ``image[]``, ...)."""
-        return [name.decode() for name in re.findall(rb'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"', self.body)]
+        return [
+            name.decode() for name in re.findall(rb'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"', self.body)
+        ]
 
 
 @dataclass
@@ -306,6 +306,12 @@ def _sse_event(event: str | None, payload: object) -> bytes:
     return data if event is None else b"event: " + event.encode() + b"\n" + data
 
 
+def _fault_reply(fault: _Fault) -> _Reply:
+    if fault.body is None:
+        return _json_reply(_status_error(fault.status).body, fault.status)
+    return _Reply(status=fault.status, body=fault.body)
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -346,7 +352,7 @@ def _byte_stream(body: bytes) -> StreamReader:
     """A finished in-memory StreamReader, so aiohttp's multipart reader can parse a body we
     already read (the raw bytes are needed for `RecordedCall`, and a request body reads once)."""
     loop = asyncio.get_running_loop()
-    # high water is 2 × limit: above the body size, so the reader never asks to pause.
+    # high water is twice the limit: above the body size, so the reader never asks to pause.
     stream = StreamReader(BaseProtocol(loop), limit=max(len(body), 1 << 16), loop=loop)
     stream.feed_data(body)
     stream.feed_eof()
@@ -393,9 +399,7 @@ class _Params:
         if value is None:
             return None
         if not isinstance(value, str):
-            raise _ApiError(
-                400, f"Invalid type for '{name}': expected a string.", param=name, code="invalid_type"
-            )
+            raise _ApiError(400, f"Invalid type for '{name}': expected a string.", param=name, code="invalid_type")
         if choices is not None and value not in choices:
             raise _invalid_value(name, value, choices)
         return value
@@ -429,9 +433,7 @@ class _Params:
         if self.from_form and isinstance(value, str) and re.fullmatch(r"-?\d+", value):
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise _ApiError(
-                400, f"Invalid type for '{name}': expected an integer.", param=name, code="invalid_type"
-            )
+            raise _ApiError(400, f"Invalid type for '{name}': expected an integer.", param=name, code="invalid_type")
         if value < minimum:
             raise _ApiError(
                 400,
@@ -454,7 +456,7 @@ class _Params:
         value = self.values.get(name)
         if value is None:
             return False
-        if self.from_form and value in ("true", "false"):
+        if self.from_form and isinstance(value, str) and value in ("true", "false"):
             return value == "true"
         if not isinstance(value, bool):
             raise _ApiError(400, f"Invalid type for '{name}': expected a boolean.", param=name, code="invalid_type")
@@ -565,9 +567,7 @@ def _gpt_image_job(params: _Params, model: str, prompt: str, event_prefix: str, 
 def _dalle_options(params: _Params, model: str) -> tuple[int, str]:
     """Validate a DALL·E request; returns (n, response_format)."""
     if params.flag("stream"):
-        raise _ApiError(
-            400, f"Streaming is not supported for model '{model}'.", param="stream", code="invalid_value"
-        )
+        raise _ApiError(400, f"Streaming is not supported for model '{model}'.", param="stream", code="invalid_value")
     n = params.integer("n", 1, 1, 10)
     if model == "dall-e-3" and n != 1:
         raise _ApiError(400, "You must provide n=1 for this model.", param="n")
@@ -576,6 +576,25 @@ def _dalle_options(params: _Params, model: str) -> tuple[int, str]:
     if model == "dall-e-3":
         params.optional_text("style", ("vivid", "natural"))
     return n, params.text("response_format", "url", ("url", "b64_json"))
+
+
+def _json_edit_image_count(params: _Params) -> int:
+    """Validate the JSON edit variant's `images` (and `mask`) references; returns the count."""
+    images = params.values.get("images")
+    if images is None:
+        raise _ApiError(400, "Missing required parameter: 'images'.", param="images", code="missing_required_parameter")
+    if not isinstance(images, list) or not 1 <= len(images) <= 16:
+        raise _ApiError(400, "Invalid 'images': expected an array of 1 to 16 image references.", param="images")
+    references = [("images", image) for image in images]
+    if params.present("mask"):
+        references.append(("mask", params.values["mask"]))
+    for name, reference in references:
+        given = [key for key in ("image_url", "file_id") if isinstance(reference, dict) and reference.get(key)]
+        if len(given) != 1:
+            raise _ApiError(
+                400, f"Invalid '{name}': each reference needs exactly one of 'image_url' or 'file_id'.", param=name
+            )
+    return len(images)
 
 
 # ----------------------------------------------------------------------------- other endpoints' helpers
@@ -599,6 +618,13 @@ def _last_user_text(messages: Sequence[object]) -> str:
     return ""
 
 
+def _responses_input_text(given: object) -> str:
+    """The Responses API `input`: a string, or a list of items whose last user message counts."""
+    if isinstance(given, str):
+        return given
+    return _last_user_text(given) if isinstance(given, list) else ""
+
+
 def _text_pieces(text: str) -> list[str]:
     """Word-sized pieces that concatenate back to `text`, for streamed deltas."""
     return re.findall(r"\S+\s*|\s+", text) or [text]
@@ -617,6 +643,102 @@ def _chat_usage(prompt_tokens: int, completion_tokens: int) -> _Json:
             "rejected_prediction_tokens": 0,
         },
     }
+
+
+def _chat_completion(head: _Json, text: str, usage: _Json) -> _Json:
+    message: _Json = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    return {
+        "id": head["id"],
+        "object": "chat.completion",
+        "created": head["created"],
+        "model": head["model"],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+        "usage": usage,
+        "service_tier": "default",
+        "system_fingerprint": "fp_fake",
+    }
+
+
+def _chat_chunks(head: _Json, text: str, usage: _Json | None) -> list[bytes]:
+    """Data-only SSE frames: role, content pieces, finish, [usage], [DONE] (contract 10)."""
+
+    def chunk(choices: list[_Json], **extra: Any) -> bytes:
+        payload = {"id": head["id"], "object": "chat.completion.chunk", "created": head["created"]}
+        payload |= {"model": head["model"], "system_fingerprint": "fp_fake", "choices": choices, **extra}
+        return _sse_event(None, payload)
+
+    def choice(delta: _Json, finish_reason: str | None = None) -> list[_Json]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+
+    # With include_usage every chunk has "usage": null and one extra chunk carries it.
+    extra = {} if usage is None else {"usage": None}
+    frames = [chunk(choice({"role": "assistant", "content": "", "refusal": None}), **extra)]
+    frames += [chunk(choice({"content": piece}), **extra) for piece in _text_pieces(text)]
+    frames.append(chunk(choice({}, "stop"), **extra))
+    if usage is not None:
+        frames.append(chunk([], usage=usage))
+    frames.append(b"data: [DONE]\n\n")
+    return frames
+
+
+def _response_object(model: str, prompt: str, text: str, instructions: object) -> _Json:
+    """A completed Responses API object with one assistant message."""
+    input_tokens, output_tokens = _text_tokens(prompt), _text_tokens(text)
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    message = {"id": _new_id("msg_"), "type": "message", "status": "completed", "role": "assistant"}
+    return {
+        "id": _new_id("resp_"),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": instructions,
+        "model": model,
+        "output": [{**message, "content": [part]}],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "text": {"format": {"type": "text"}},
+        "metadata": {},
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        },
+    }
+
+
+def _response_events(completed: _Json) -> list[bytes]:
+    """The Responses stream for `completed`, numbered by sequence_number; usage comes last."""
+    message = completed["output"][0]
+    part = message["content"][0]
+    text = part["text"]
+    in_progress = {**completed, "status": "in_progress", "output": [], "usage": None}
+    where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    steps: list[_Json] = [
+        {"type": "response.created", "response": in_progress},
+        {"type": "response.in_progress", "response": in_progress},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**message, "status": "in_progress", "content": []},
+        },
+        {"type": "response.content_part.added", **where, "part": {**part, "text": ""}},
+        *(
+            {"type": "response.output_text.delta", **where, "delta": piece, "logprobs": []}
+            for piece in _text_pieces(text)
+        ),
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {"type": "response.completed", "response": completed},
+    ]
+    return [_sse_event(step["type"], {**step, "sequence_number": number}) for number, step in enumerate(steps)]
 
 
 def _embedding_inputs(value: object) -> list[tuple[str, int]]:
@@ -818,7 +940,7 @@ class FakeUpstream:
             runner, self._runner = self._runner, None
             await runner.cleanup()
 
-    async def __aenter__(self) -> FakeUpstream:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -907,16 +1029,17 @@ class FakeUpstream:
                 if cut_bytes is not None and sent + len(event) > cut_bytes:
                     await response.write(event[: cut_bytes - sent])
                     break
-                # One write per event, then yield, so readers see the stream arrive piecewise.
+                if index:
+                    # Yield between writes (one per event), so readers see the stream arrive piecewise.
+                    await asyncio.sleep(self.stream_interval_s)
                 await response.write(event)
                 sent += len(event)
-                await asyncio.sleep(self.stream_interval_s)
-            else:
-                if cut_events is None and cut_bytes is None:
-                    await response.write_eof()
-                    return response
+            if cut_events is None and cut_bytes is None:
+                await response.write_eof()
+                return response
         except ConnectionError:
-            return response  # the client went away mid-stream; nothing more to do
+            return response  # the client went away mid-stream; nothing more to send
+        # A cut never sends the terminating chunk, even when every event went out.
         await _drop_connection(request)
         return response
 
@@ -965,7 +1088,9 @@ class FakeUpstream:
             params = _Params(fields, from_form=True)
             image_count = sum(1 for upload in uploads if upload.name in ("image", "image[]"))
             if image_count == 0:
-                raise _ApiError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
+                raise _ApiError(
+                    400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
+                )
         else:
             params = _Params(_json_object(body))
             image_count = _json_edit_image_count(params)
@@ -990,7 +1115,9 @@ class FakeUpstream:
         fields, uploads = await _read_form(request.headers, body)
         images = [upload for upload in uploads if upload.name == "image"]
         if not images:
-            raise _ApiError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
+            raise _ApiError(
+                400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
+            )
         params = _Params(fields, from_form=True)
         params.text("model", "dall-e-2", ("dall-e-2",))
         n = params.integer("n", 1, 1, 10)
@@ -1079,130 +1206,36 @@ class FakeUpstream:
                 400, "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
             )
         text = f"echo: {_last_user_text(messages)}"
-        prompt_tokens = sum(
-            _text_tokens(_content_text(m.get("content"))) for m in messages if isinstance(m, dict)
-        )
+        prompt_tokens = sum(_text_tokens(_content_text(m.get("content"))) for m in messages if isinstance(m, dict))
         usage = _chat_usage(prompt_tokens, _text_tokens(text))
-        completion_id, created = _new_id("chatcmpl-"), int(time.time())
+        head = {"id": _new_id("chatcmpl-"), "created": int(time.time()), "model": model}
         if not params.flag("stream"):
-            return _json_reply(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
-                            "logprobs": None,
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": usage,
-                    "service_tier": "default",
-                    "system_fingerprint": "fp_fake",
-                }
-            )
+            return _json_reply(_chat_completion(head, text, usage))
         stream_options = params.values.get("stream_options")
         include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-
-        def chunk(delta: _Json, finish_reason: str | None) -> bytes:
-            payload: _Json = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": "fp_fake",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-            }
-            if include_usage:
-                payload["usage"] = None
-            return _sse_event(None, payload)
-
-        events = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
-        events += [chunk({"content": piece}, None) for piece in _text_pieces(text)]
-        events.append(chunk({}, "stop"))
-        if include_usage:
-            final = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": "fp_fake",
-                "choices": [],
-                "usage": usage,
-            }
-            events.append(_sse_event(None, final))
-        events.append(b"data: [DONE]\n\n")
-        return _sse_reply(events)
+        return _sse_reply(_chat_chunks(head, text, usage if include_usage else None))
 
     async def _responses(self, request: web.Request, body: bytes) -> _Reply:
         params = _Params(_json_object(body))
         model = params.required_text("model")
         given = params.values.get("input")
         if given is None:
-            raise _ApiError(400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
-        prompt = given if isinstance(given, str) else _last_user_text(given) if isinstance(given, list) else ""
-        text = f"echo: {prompt}"
-        response_id, message_id = _new_id("resp_"), _new_id("msg_")
-        input_tokens, output_tokens = _text_tokens(prompt), _text_tokens(text)
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        message = {"id": message_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
-        completed = {
-            "id": response_id,
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "completed",
-            "error": None,
-            "incomplete_details": None,
-            "instructions": params.values.get("instructions"),
-            "model": model,
-            "output": [message],
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "text": {"format": {"type": "text"}},
-            "metadata": {},
-            "usage": {
-                "input_tokens": input_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": output_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": input_tokens + output_tokens,
-            },
-        }
+            raise _ApiError(
+                400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+            )
+        prompt = _responses_input_text(given)
+        response = _response_object(model, prompt, f"echo: {prompt}", params.values.get("instructions"))
         if not params.flag("stream"):
-            return _json_reply(completed)
-        in_progress = {**completed, "status": "in_progress", "output": [], "usage": None}
-        item_in_progress = {**message, "status": "in_progress", "content": []}
-        empty_part = {**part, "text": ""}
-        where = {"item_id": message_id, "output_index": 0, "content_index": 0}
-        steps: list[_Json] = [
-            {"type": "response.created", "response": in_progress},
-            {"type": "response.in_progress", "response": in_progress},
-            {"type": "response.output_item.added", "output_index": 0, "item": item_in_progress},
-            {"type": "response.content_part.added", **where, "part": empty_part},
-            *(
-                {"type": "response.output_text.delta", **where, "delta": piece, "logprobs": []}
-                for piece in _text_pieces(text)
-            ),
-            {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
-            {"type": "response.content_part.done", **where, "part": part},
-            {"type": "response.output_item.done", "output_index": 0, "item": message},
-            {"type": "response.completed", "response": completed},
-        ]
-        return _sse_reply(
-            [_sse_event(step["type"], {**step, "sequence_number": number}) for number, step in enumerate(steps)]
-        )
+            return _json_reply(response)
+        return _sse_reply(_response_events(response))
 
     async def _embeddings(self, request: web.Request, body: bytes) -> _Reply:
         params = _Params(_json_object(body))
         model = params.required_text("model")
         if not params.present("input"):
-            raise _ApiError(400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+            raise _ApiError(
+                400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+            )
         inputs = _embedding_inputs(params.values["input"])
         dimensions = params.integer("dimensions", _EMBEDDING_DIMENSIONS, 1, 3072)
         encoding_format = params.text("encoding_format", "float", ("float", "base64"))
@@ -1268,31 +1301,6 @@ class FakeUpstream:
     async def _control_clear_calls(self, request: web.Request) -> web.Response:
         self.calls.clear()
         return web.json_response({"count": 0})
-
-
-def _fault_reply(fault: _Fault) -> _Reply:
-    if fault.body is None:
-        return _json_reply(_status_error(fault.status).body, fault.status)
-    return _Reply(status=fault.status, body=fault.body)
-
-
-def _json_edit_image_count(params: _Params) -> int:
-    """Validate the JSON edit variant's `images` (and `mask`) references; returns the count."""
-    images = params.values.get("images")
-    if images is None:
-        raise _ApiError(400, "Missing required parameter: 'images'.", param="images", code="missing_required_parameter")
-    if not isinstance(images, list) or not 1 <= len(images) <= 16:
-        raise _ApiError(400, "Invalid 'images': expected an array of 1 to 16 image references.", param="images")
-    references = [("images", image) for image in images]
-    if params.present("mask"):
-        references.append(("mask", params.values["mask"]))
-    for name, reference in references:
-        given = [key for key in ("image_url", "file_id") if isinstance(reference, dict) and reference.get(key)]
-        if len(given) != 1:
-            raise _ApiError(
-                400, f"Invalid '{name}': each reference needs exactly one of 'image_url' or 'file_id'.", param=name
-            )
-    return len(images)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8090, api_key: str | None = None) -> None:

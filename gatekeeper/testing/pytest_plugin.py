@@ -11,37 +11,38 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
 from gatekeeper.server import RunningGateway
 from gatekeeper.testing.fake_upstream import FakeUpstream
 from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY, GatewayKit
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def fake_upstream() -> AsyncIterator[FakeUpstream]:
     upstream = FakeUpstream(api_key=UPSTREAM_KEY)
-    upstream.base_url = await upstream.start()  # type: ignore[attr-defined]
+    await upstream.start()
     try:
         yield upstream
     finally:
         await upstream.stop()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def gateway_kit(fake_upstream: FakeUpstream, tmp_path) -> AsyncIterator[GatewayKit]:
-    kit = GatewayKit(fake_upstream.base_url, tmp_path)  # type: ignore[attr-defined]
+    kit = GatewayKit(fake_upstream.base_url, tmp_path)
     try:
         yield kit
     finally:
         await kit.stop_all()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def gateway(gateway_kit: GatewayKit) -> RunningGateway:
     return await gateway_kit.start()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def openai_client(gateway: RunningGateway):
     import openai
 
