@@ -24,11 +24,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gatekeeper.config import Config
 from gatekeeper.errors import GatewayError
-from gatekeeper.flow import Flow, GatewayResponse, Outcome
+from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
 from gatekeeper.logs import get_logger, register_secret
 from gatekeeper.plugins import PluginSet, build_hooks
 
-__all__ = ["Gateway", "GATEWAY", "make_app", "normalize_path"]
+__all__ = ["Gateway", "GATEWAY", "PRINCIPAL", "make_app", "normalize_path"]
 
 log = get_logger("gatekeeper")
 access_log = get_logger("gatekeeper.access")
@@ -48,6 +48,10 @@ def normalize_path(raw_path: str) -> str:
     if normalized.startswith("//"):
         normalized = "/" + normalized.lstrip("/")
     return normalized
+
+
+# The admin principal on requests to plugin routes under /admin/.
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def _new_request_id() -> str:
@@ -136,7 +140,7 @@ class Gateway:
                                    code="invalid_api_key" if principal is None else "admin_required", outcome=Outcome.AUTH_FAIL)
             if handler is None:
                 raise GatewayError(404, f"Unknown route {request.method} {path}.", code="unknown_url")
-            request["principal"] = principal
+            request[PRINCIPAL] = principal
             return await handler(request)
         except GatewayError as error:
             return self.error_response(error, flow.request_id)
