@@ -32,6 +32,7 @@ __all__ = [
 # The built-in plugins, in the order their hooks are called (each lives in plugins/<name>.py,
 # installed as gatekeeper_plugins.<name>).
 BUILTIN_PLUGINS = {
+    "auth": "gatekeeper_plugins.auth",
     "forward": "gatekeeper_plugins.forward",
 }
 DEFAULT_BUILTINS = list(BUILTIN_PLUGINS)

@@ -26,6 +26,10 @@ def demo_config(upstream_url: str, upstream_key: str, host: str, port: int, work
     return {
         "server": {"host": host, "port": port},
         "upstream": {"base_url": upstream_url, "api_key": upstream_key},
+        "auth": {
+            "admin_keys": [DEMO_ADMIN_KEY],
+            "keys": [{"id": "demo-1", "key": DEMO_CLIENT_KEY, "tenant": "demo"}],
+        },
     }
 
 
