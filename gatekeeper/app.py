@@ -9,6 +9,7 @@ observers, metering and audit see hits and misses alike.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import posixpath
 import time
@@ -54,8 +55,14 @@ def normalize_path(raw_path: str) -> str:
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
+# Request ids: a random per-process prefix and a counter. Unique across replicas and restarts
+# without a syscall per request.
+_REQUEST_ID_PREFIX = "req_gk_" + os.urandom(6).hex()
+_request_counter = itertools.count(1)
+
+
 def _new_request_id() -> str:
-    return "req_gk_" + os.urandom(12).hex()
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
