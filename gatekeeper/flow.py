@@ -22,6 +22,7 @@ from gatekeeper.errors import GatewayError
 __all__ = ["Flow", "GatewayResponse", "Principal", "Outcome"]
 
 _decode_json = msgspec.json.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
 
 
 class Outcome:
@@ -162,6 +163,16 @@ class Flow:
             else:
                 self._json = None
         return self._json
+
+    def replace_json(self, document: Any) -> None:
+        """Rewrite a JSON request: `body` becomes `document` encoded, and `json` is `document` itself.
+
+        For plugins that change the request before `normalize_request` (a prompt prefix), so the
+        cache key, every later stage and the upstream all see the same rewritten request.
+        """
+        self.body = _encode_json(document)
+        self._json = document
+        self.scratch.pop("model", None)
 
     @property
     def model(self) -> str | None:
