@@ -305,6 +305,8 @@ class Plugin:
 
     @hookimpl
     def startup(self) -> None:
+        if not self.table.clients:
+            log.warning("auth: no client keys configured; every /v1 request will get 401 (see docs/auth.md)")
         backend, redis_url, redis_prefix = self.backend
         if backend == "redis":
             self.limiter = RedisRateLimiter(redis_url, redis_prefix)

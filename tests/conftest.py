@@ -25,7 +25,8 @@ def upstream_key_never_reaches_a_client():
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
     report = yield
-    leaked = [title for title, content in report.sections if UPSTREAM_KEY in content]
+    # Sections accumulate over setup, call and teardown; look only at this phase's own output.
+    leaked = [title for title, content in report.sections if title.endswith(report.when) and UPSTREAM_KEY in content]
     if leaked and not report.failed:
         report.outcome = "failed"
         report.longrepr = f"the upstream key appeared in captured output: {', '.join(leaked)}"

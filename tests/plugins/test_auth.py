@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import re
 
 import aiohttp
 import msgspec
@@ -502,3 +503,21 @@ async def test_ready_reports_how_many_keys_are_loaded(gateway):
     status, _, body = await call(gateway, "GET", "/ready")
     assert status == 200
     assert msgspec.json.decode(body)["plugins"]["auth"] == {"ready": True, "client_keys": 1, "admin_keys": 1}
+
+
+def test_the_commented_auth_example_in_config_toml_is_valid(tmp_path):
+    from pathlib import Path
+
+    from gatekeeper.config import load_config
+
+    shipped = (Path(__file__).resolve().parents[2] / "config.toml").read_text()
+    section = shipped[shipped.index("\n[auth]\n"):]
+    uncommented = re.sub(r"(?m)^# (?=\[\[auth\.keys\]\]|[a-z_]+ = )", "", section)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'[upstream]\napi_key = "{UPSTREAM_KEY}"\n' + uncommented)
+    environ = {"GATEKEEPER_ADMIN_KEY": ADMIN_KEY, "DESIGN_KEY": OTHER_KEY}
+    plugin = build_hooks(load_config(config_file, environ=environ)).hooks.pm.get_plugin("auth")
+    (record,) = plugin.table.clients.values()
+    assert record.principal == Principal(key_id="design-1", tenant="design", models=("gpt-image-*",),
+                                         labels={"cost_center": "cc-42", "department": "marketing"})
+    assert record.rpm == 60 and len(plugin.table.admins) == 1
