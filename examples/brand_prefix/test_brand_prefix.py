@@ -113,3 +113,21 @@ async def test_an_empty_house_style_is_a_config_error_naming_the_key_and_file(ga
 async def test_an_unknown_key_in_its_section_is_a_config_error(gateway_kit):
     with pytest.raises(ConfigError, match=r"test-config\.toml: \[brand\.prefix\]"):
         await start(gateway_kit, {"prefix": {"acme": ACME_STYLE}})
+
+
+async def generated_cache_status(running, key: str, prompt: str) -> str:
+    async with client(running, key) as tenant_client:
+        raw = await tenant_client.images.with_raw_response.generate(model="gpt-image-1-mini", prompt=prompt,
+                                                                    quality="low")
+    return raw.headers["x-gatekeeper-cache"]
+
+
+async def test_the_house_style_is_part_of_the_cache_key(gateway_kit, fake_upstream):
+    """With one cache for every tenant, a prefixed prompt and the bare one are different requests."""
+    running = await gateway_kit.start({**TENANTS, "brand": {"prefixes": {"acme": ACME_STYLE}},
+                                       "cache": {"scope": "global"}}, plugins=[brand_prefix])
+    assert await generated_cache_status(running, ACME_KEY, "a fox") == "MISS"
+    assert await generated_cache_status(running, GLOBEX_KEY, "a fox") == "MISS"
+    assert await generated_cache_status(running, GLOBEX_KEY, "a fox") == "HIT"
+    assert await generated_cache_status(running, ACME_KEY, "a fox") == "HIT"
+    assert [call.json()["prompt"] for call in fake_upstream.calls] == [f"{ACME_STYLE}\n\na fox", "a fox"]

@@ -6,7 +6,8 @@
     [upstreams.eu]                       # the tenant's own upstream
     base_url = "https://eu.example-openai-proxy.internal/v1"
     api_key = "${EU_OPENAI_API_KEY}"
-    priority = -1                        # below the default: nobody else is sent there by model
+    models = []                          # serves no model by itself: only the tenants routed here
+    priority = -1                        # and comes last for model-less requests (GET /v1/models)
 
     [tenant_router.tenants]
     eu-bank = "eu"                       # tenant -> [upstreams.NAME]

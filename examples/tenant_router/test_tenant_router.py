@@ -25,7 +25,7 @@ async def dedicated_upstream():
 def routed_config(dedicated: FakeUpstream) -> dict:
     return {
         "upstreams": {"dedicated": {"base_url": dedicated.base_url, "api_key": DEDICATED_UPSTREAM_KEY,
-                                    "priority": -1, "max_retries": 0}},
+                                    "models": [], "priority": -1, "max_retries": 0}},
         "tenant_router": {"tenants": {"eu-bank": "dedicated"}},
         "auth": {"keys": [{"id": "test-1", "key": CLIENT_KEY, "tenant": "test"},
                           {"id": "bank-app", "key": BANK_KEY, "tenant": "eu-bank"}]},
