@@ -26,10 +26,10 @@ import secrets
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -38,9 +38,6 @@ from gatekeeper.config import Config, ConfigError, decode_section
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome, Principal
 from gatekeeper.logs import get_logger, register_secret
-
-if TYPE_CHECKING:
-    from gatekeeper.app import Gateway
 
 __all__ = ["Plugin", "AuthConfig", "KeyConfig", "KeyTable", "hash_key", "new_key", "register_commands"]
 
@@ -195,7 +192,7 @@ class MemoryRateLimiter:
     def __init__(self) -> None:
         self.windows: dict[str, deque[float]] = {}
 
-    async def acquire(self, key_id: str, rpm: int, request_id: str) -> float | None:
+    def acquire(self, key_id: str, rpm: int) -> float | None:
         """Count one request; return None if allowed, else the seconds until one is."""
         now = time.monotonic()
         window = self.windows.get(key_id)
@@ -212,9 +209,6 @@ class MemoryRateLimiter:
     def forget_except(self, key_ids: set[str]) -> None:
         for key_id in [k for k in self.windows if k not in key_ids]:
             del self.windows[key_id]
-
-    async def close(self) -> None:
-        pass
 
 
 # Sliding window in a sorted set, timed by the Redis server so replicas' clocks don't matter.
@@ -257,9 +251,6 @@ class RedisRateLimiter:
             return None
         return None if int(wait_ms) < 0 else int(wait_ms) / 1000.0
 
-    def forget_except(self, key_ids: set[str]) -> None:
-        pass  # windows expire in Redis on their own
-
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
@@ -297,7 +288,8 @@ class Plugin:
         self.table = KeyTable.build(settings, config.secrets(), config.path)
         # Only what the limiter needs is kept: `settings` itself holds raw keys.
         self.backend = (settings.rate_limit_backend, settings.redis_url, settings.redis_prefix)
-        self.limiter: MemoryRateLimiter | RedisRateLimiter = MemoryRateLimiter()
+        self.limiter = MemoryRateLimiter()
+        self.shared_limiter: RedisRateLimiter | None = None  # replaces `limiter` when the backend is Redis
 
     def describe(self) -> str:
         table = self.table
@@ -309,22 +301,24 @@ class Plugin:
             log.warning("auth: no client keys configured; every /v1 request will get 401 (see docs/auth.md)")
         backend, redis_url, redis_prefix = self.backend
         if backend == "redis":
-            self.limiter = RedisRateLimiter(redis_url, redis_prefix)
+            self.shared_limiter = RedisRateLimiter(redis_url, redis_prefix)
 
     @hookimpl
     async def shutdown(self) -> None:
-        await self.limiter.close()
+        if self.shared_limiter is not None:
+            await self.shared_limiter.close()
 
     @hookimpl
     async def ready_check(self) -> dict[str, Any]:
         report: dict[str, Any] = {"ready": True, "client_keys": len(self.table.clients),
                                   "admin_keys": len(self.table.admins)}
-        if isinstance(self.limiter, RedisRateLimiter):
-            report["redis"] = "ok" if await self.limiter.ping() else "unavailable (rate limits not enforced)"
+        if self.shared_limiter is not None:
+            report["redis"] = "ok" if await self.shared_limiter.ping() else "unavailable (rate limits not enforced)"
         return report
 
     @hookimpl
     def reload_config(self, config: Config) -> None:
+        """Swap in the re-read keys; requests already admitted keep their principal."""
         settings = decode_section(config.sections.get(self.config_section), AuthConfig, self.config_section, config.path)
         table = KeyTable.build(settings, config.secrets(), config.path)
         for secret in config.secrets():
@@ -337,6 +331,7 @@ class Plugin:
 
     @hookimpl
     def authenticate(self, flow: Flow) -> Principal:
+        """The principal of the one bearer key presented, or a 401 that never echoes the key."""
         presented = flow.headers.getall("Authorization", ())
         if not presented:
             raise _invalid_key(_MISSING)
@@ -367,24 +362,39 @@ class Plugin:
         return record.principal
 
     @hookimpl
-    async def check_request(self, flow: Flow) -> None:
+    def check_request(self, flow: Flow) -> Awaitable[None] | None:
+        """Refuse a model outside the key's globs (403) and requests past its rpm (429)."""
+        # Not `async def`: only keys limited through Redis need an await; the dispatcher awaits
+        # the coroutine returned for them, and every other request pays for no coroutine.
         principal = flow.principal
         if principal is None:
-            return
+            return None
         if principal.models is not None:
             _check_model(flow, principal.models)
         record: KeyRecord | None = flow.scratch.get("auth")
-        if record is not None and record.rpm is not None:
-            wait_s = await self.limiter.acquire(principal.key_id, record.rpm, flow.request_id)
-            if wait_s is not None:
-                retry_after = max(1, math.ceil(wait_s))
-                raise GatewayError(
-                    429, f"Rate limit reached for requests on key {principal.key_id!r}: limit {record.rpm} per minute. "
-                         f"Please try again in {retry_after}s.",
-                    code="rate_limit_exceeded",
-                    headers={"retry-after": str(retry_after), "x-ratelimit-limit-requests": str(record.rpm),
-                             "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{retry_after}s"},
-                )
+        if record is None or record.rpm is None:
+            return None
+        if self.shared_limiter is not None:
+            return self._acquire_shared(principal.key_id, record.rpm, flow.request_id)
+        _refuse_if_limited(principal.key_id, record.rpm, self.limiter.acquire(principal.key_id, record.rpm))
+        return None
+
+    async def _acquire_shared(self, key_id: str, rpm: int, request_id: str) -> None:
+        assert self.shared_limiter is not None
+        _refuse_if_limited(key_id, rpm, await self.shared_limiter.acquire(key_id, rpm, request_id))
+
+
+def _refuse_if_limited(key_id: str, rpm: int, wait_s: float | None) -> None:
+    if wait_s is None:
+        return
+    retry_after = max(1, math.ceil(wait_s))
+    raise GatewayError(
+        429, f"Rate limit reached for requests on key {key_id!r}: limit {rpm} per minute. "
+             f"Please try again in {retry_after}s.",
+        code="rate_limit_exceeded",
+        headers={"retry-after": str(retry_after), "x-ratelimit-limit-requests": str(rpm),
+                 "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": f"{retry_after}s"},
+    )
 
 
 def _check_model(flow: Flow, allowed: tuple[str, ...]) -> None:

@@ -85,7 +85,7 @@ async def test_the_built_in_auth_is_not_loaded(start):
     gateway = await start()
     names = [plugin.name for plugin in gateway.gateway.plugins.loaded]
     assert "auth" not in names and "gatekeeper_path_plugin_front_proxy_identity" in names
-    status, body = await call(gateway, "/v1/models", {"Authorization": f"Bearer {CLIENT_KEY}"})
+    status, _ = await call(gateway, "/v1/models", {"Authorization": f"Bearer {CLIENT_KEY}"})
     assert status == 401  # a gateway key means nothing now; only the proxy's identity counts
 
 
