@@ -2,7 +2,9 @@
 
 `GatewayKit.start(overrides, plugins=[...])` builds a config from `base_config` deep-merged with
 ``overrides``, registers extra plugins just for that gateway, and listens on a free loopback
-port with the same runner ``gatekeeper serve`` uses.
+port with the same runner ``gatekeeper serve`` uses. Every kit gateway also carries
+`CanaryGuard`, which records any response that contains `UPSTREAM_KEY` in `CANARY_SIGHTINGS`
+(tests/conftest.py fails the test that caused one).
 """
 
 from __future__ import annotations
