@@ -7,6 +7,7 @@ signal handling, for tests and the plugin test kit, so tests exercise the produc
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,9 @@ async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = Non
     if server.unix_socket:
         site: web.BaseSite = web.UnixSite(runner, server.unix_socket)
         await site.start()
+        # Connecting needs write permission: open it to the group (a sidecar's app container shares
+        # the pod's fsGroup), not to everyone.
+        os.chmod(server.unix_socket, 0o660)
         url = f"unix:{server.unix_socket}"
     else:
         site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
