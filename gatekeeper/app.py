@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import os
 import posixpath
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -36,6 +37,9 @@ access_log = get_logger("gatekeeper.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _encode_json = msgspec.json.Encoder().encode
+
+
+_UNSAFE_PATH = re.compile(r"[%?#\\\x00-\x1f\x7f]")
 
 
 def normalize_path(raw_path: str) -> str:
@@ -108,6 +112,10 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = normalize_path(request.raw_path)
+        if _UNSAFE_PATH.search(path):
+            # Still encoded after one decode (%252e), or a decoded ?/#: the upstream URL would be
+            # decoded again and could leave /v1. Nothing legitimate needs that.
+            return self.error_response(GatewayError(400, "Invalid characters in the request path.", code="invalid_path"))
         if path.startswith("/v1/") or path == "/v1":
             return await self.run_pipeline(request, path)
         if path == "/health":
@@ -314,6 +322,7 @@ class Gateway:
     def _failed_response(self, flow: Flow, error: GatewayError) -> web.Response:
         failed = GatewayResponse.from_error(error, flow.request_id)
         flow.status = error.status
+        self._finish_headers(flow, failed.headers)  # x-gatekeeper-request-id, like every other answer
         return web.Response(status=error.status, headers=failed.headers, body=failed.body)
 
     async def _stream(self, flow: Flow, chunks: AsyncIterator[bytes], headers: CIMultiDict[str]) -> web.StreamResponse:

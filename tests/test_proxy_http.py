@@ -160,3 +160,22 @@ async def test_unknown_non_v1_route_is_an_openai_shaped_404(gateway):
         async with session.get(gateway.url + "/nope") as response:
             assert response.status == 404
             assert (await response.json())["error"]["code"] == "unknown_url"
+
+
+async def raw_request(url: str, raw_path: str) -> tuple[int, bytes]:
+    """Send a request line exactly as given, so no client library normalises the path first."""
+    host, port = url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    status = int(response.split(b" ", 2)[1])
+    return status, response
+
+
+@pytest.mark.parametrize("raw_path", ["/v1/%252e%252e/dashboard", "/v1/models%3fx=1", "/v1/models%23frag", "/v1/a%5c..%5cb"])
+async def test_double_encoded_paths_are_refused_before_reaching_upstream(gateway, fake_upstream, raw_path):
+    status, response = await raw_request(gateway.url, raw_path)
+    assert status == 400 and b"invalid_path" in response
+    assert fake_upstream.count() == 0
