@@ -30,6 +30,7 @@ def demo_config(upstream_url: str, upstream_key: str, host: str, port: int, work
             "admin_keys": [DEMO_ADMIN_KEY],
             "keys": [{"id": "demo-1", "key": DEMO_CLIENT_KEY, "tenant": "demo"}],
         },
+        "audit": {"path": str(workdir / "audit" / "gatekeeper-audit.jsonl"), "fsync": "always"},
     }
 
 

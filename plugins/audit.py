@@ -1,0 +1,280 @@
+"""The compliance audit log: one tamper-evident, durable record per request.
+
+Every flow, answered or refused, becomes one line of canonical JSON in ``[audit] path``: who
+asked (tenant, key id, client IP, never a key), what (model, parameters, the prompt's SHA-256),
+what came back (the SHA-256 and C2PA presence of every returned image, usage, cost) and the
+upstream's ids (``x-request-id``, ``openai-organization``). Lines are hash-chained (``prev``),
+optionally HMAC-signed (``mac``), and checkpointed, so edits, deletions and a cut-off tail are
+detectable with ``gatekeeper audit verify``.
+
+With ``fsync = "always"`` a response is released only after its record is on disk; when the
+disk refuses writes and ``required = true``, the gateway answers 503 ``audit_unavailable`` and
+forwards nothing until writes succeed again. See docs/audit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+
+from gatekeeper import hookimpl
+from gatekeeper.config import Config, ConfigError
+from gatekeeper.errors import GatewayError
+from gatekeeper.flow import Flow, Outcome
+from gatekeeper.logs import get_logger, register_secret
+from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body
+from gatekeeper_plugins.audit_pg import TABLE_NAME, PostgresCheckpoints
+from gatekeeper_plugins.audit_record import (
+    IMAGE_ROUTES,
+    RequestFacts,
+    build_record,
+    normalized_input_hashes,
+    request_facts,
+)
+from gatekeeper_plugins.audit_writer import AuditLog, AuditUnavailable
+
+if TYPE_CHECKING:
+    from gatekeeper.app import Gateway
+
+__all__ = ["Plugin", "AuditConfig", "register_commands", "resolve_log_path", "log_name_for"]
+
+log = get_logger("gatekeeper.audit")
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+OFF_LOOP_BYTES = 256 * 1024  # bodies above this are hashed in a worker thread, off the event loop
+SHUTDOWN_FLUSH_S = 10.0
+
+
+class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str = "audit/gatekeeper-audit.jsonl"  # relative to the config file's folder
+    fsync: Literal["always", "batch"] = "always"
+    hmac_key: str | None = None  # empty or unset: a plain sha256 chain
+    log_prompts: bool = False
+    required: bool = True
+    rotate_bytes: PositiveInt = 104857600
+    checkpoint_every: PositiveInt = 1000
+    checkpoint_dsn: str | None = None  # postgresql://... : also keep every checkpoint in a table
+    checkpoint_table: str = "gatekeeper_audit_checkpoints"
+
+
+def resolve_log_path(path: str, config_path: str) -> Path:
+    """A relative ``[audit] path`` is taken from the config file's folder (not the cwd)."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute() and not config_path.startswith("<"):
+        resolved = Path(config_path).resolve().parent / resolved
+    return resolved.absolute()
+
+
+def log_name_for(path: Path) -> str:
+    """How checkpoints name this log in a shared table: host and absolute path."""
+    return f"{socket.gethostname()}:{path}"
+
+
+def _unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway cannot write its audit log right now, so it is not accepting requests. Retry shortly.",
+        type="server_error",
+        code="audit_unavailable",
+        headers={"retry-after": "1"},
+        outcome=Outcome.REJECTED,
+    )
+
+
+class Plugin:
+    """Write one chained audit record per flow; refuse traffic while records can't be written."""
+
+    name = "audit"
+    config_section = "audit"
+    Config = AuditConfig
+
+    def __init__(self, config: Config, settings: AuditConfig | None) -> None:
+        self.settings = settings = settings or AuditConfig()
+        if not TABLE_NAME.fullmatch(settings.checkpoint_table):
+            raise ConfigError(f"{config.path}: [audit.checkpoint_table] must be a table name like "
+                              f"'audit_checkpoints' or 'schema.table', got {settings.checkpoint_table!r}")
+        self.path = resolve_log_path(settings.path, config.path)
+        self.key = settings.hmac_key.encode() if settings.hmac_key else None
+        register_secret(settings.hmac_key)
+        register_secret(settings.checkpoint_dsn)
+        self.log_prompts = settings.log_prompts
+        self.required = settings.required
+        self.wait_for_disk = settings.fsync == "always"
+        self.checkpoints = (PostgresCheckpoints(settings.checkpoint_dsn, settings.checkpoint_table)
+                            if settings.checkpoint_dsn else None)
+        self.log = AuditLog(
+            self.path,
+            fsync=settings.fsync,
+            key=self.key,
+            rotate_bytes=settings.rotate_bytes,
+            checkpoint_every=settings.checkpoint_every,
+            log_name=log_name_for(self.path),
+            on_checkpoint=self.checkpoints.submit if self.checkpoints else None,
+        )
+
+    def describe(self) -> str:
+        chain = "HMAC-signed chain" if self.key else "sha256 chain"
+        sink = f", checkpoints also in {self.settings.checkpoint_table}" if self.checkpoints else ""
+        return f"writes {self.path} (fsync {self.settings.fsync}, {chain}{sink})"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @hookimpl
+    async def startup(self, gateway: Gateway) -> None:
+        """Recover the log's tail and start the writer thread before the first request."""
+        if self.checkpoints is not None:
+            await self.checkpoints.start()
+        await asyncio.to_thread(self.log.open)
+        log.info("audit log open", path=str(self.path), seq=self.log.seq, fsync=self.settings.fsync)
+
+    @hookimpl
+    async def shutdown(self, gateway: Gateway) -> None:
+        """Write every queued record and the final checkpoint, then stop the writer."""
+        await asyncio.to_thread(self.log.close, SHUTDOWN_FLUSH_S)
+        if self.checkpoints is not None:
+            await self.checkpoints.close()
+
+    @hookimpl
+    def ready_check(self, gateway: Gateway) -> dict[str, Any]:
+        """Not ready while records can't be written and the log is required."""
+        audit_log = self.log
+        report: dict[str, Any] = {
+            "ready": not (self.required and audit_log.broken),
+            "path": str(self.path),
+            "seq": audit_log.seq,
+            "pending": audit_log.pending,
+            "fsync": self.settings.fsync,
+            "error": audit_log.broken,
+            "dropped": audit_log.dropped,
+            "tail_ok": audit_log.tail_ok,
+            "checkpoint_seq": audit_log.last_checkpoint.seq if audit_log.last_checkpoint else None,
+            "checkpoint_error": audit_log.checkpoint_error,
+        }
+        if self.checkpoints is not None:
+            report["postgres_checkpoint_seq"] = self.checkpoints.stored_seq
+            report["postgres_error"] = self.checkpoints.error
+        return report
+
+    @hookimpl
+    def reload_config(self, gateway: Gateway, config: Config) -> None:
+        """Take up ``log_prompts`` and ``required`` live; the file, fsync mode and key need a restart."""
+        from gatekeeper.config import decode_section
+
+        fresh = decode_section(config.sections.get(self.config_section), AuditConfig, self.config_section, config.path)
+        self.log_prompts, self.required = fresh.log_prompts, fresh.required
+        kept = ("path", "fsync", "hmac_key", "rotate_bytes", "checkpoint_every", "checkpoint_dsn", "checkpoint_table")
+        changed = [name for name in kept if getattr(fresh, name) != getattr(self.settings, name)]
+        if changed:
+            log.warning("audit settings take effect on restart only", keys=changed)
+
+    # ------------------------------------------------------------ request stages
+
+    @hookimpl
+    def check_request(self, flow: Flow) -> None:
+        """Refuse while records can't be written, before anything is forwarded (or billed)."""
+        if self.required and self.log.broken:
+            raise _unavailable()
+        if self._hashes_inputs_off_loop(flow):
+            # Large edits: hash the inputs in a worker thread while the upstream works.
+            try:
+                flow.json  # decoded here, on the loop, so the thread only reads it
+            except GatewayError:
+                return
+            flow.scratch.setdefault(self.name, {})["facts"] = asyncio.ensure_future(
+                asyncio.to_thread(request_facts, flow, self.log_prompts))
+
+    @hookimpl
+    def wrap_response_stream(self, flow: Flow, chunks: AsyncIterator[bytes]) -> None:
+        """Ask for the whole body of image responses whose image hashes are not known yet."""
+        if (flow.route in IMAGE_ROUTES and 200 <= (flow.status or 0) < 300
+                and "output_image_sha256" not in flow.annotations):
+            flow.collect_response_body = True
+        return None
+
+    @hookimpl
+    async def exchange_complete(self, flow: Flow) -> None:
+        """Record the exchange; in ``always`` mode, return only once the record is on disk."""
+        if self.required and self.log.broken:
+            raise _unavailable()  # exchange_error records the refusal
+        await self._image_facts(flow)
+        facts = await self._request_facts(flow)
+        record = build_record(flow, facts, flow.annotations, None, self.log_prompts)
+        must_wait = self.wait_for_disk and not self.log.broken
+        future = self.log.submit(record, retain=not (must_wait and self.required))
+        state = flow.scratch.setdefault(self.name, {})
+        state["submitted"] = True
+        if not must_wait:
+            return
+        try:
+            await asyncio.wrap_future(future)
+        except AuditUnavailable as error:
+            if self.required:
+                state["submitted"] = False
+                raise _unavailable() from error
+
+    @hookimpl
+    async def exchange_error(self, flow: Flow, error: BaseException) -> None:
+        """Record refusals, upstream failures, truncations and aborts; a record is never skipped."""
+        state = flow.scratch.setdefault(self.name, {})
+        if state.get("submitted"):
+            return
+        facts = await self._request_facts(flow)
+        images = flow.annotations if "output_image_sha256" in flow.annotations else None
+        record = build_record(flow, facts, images, error, self.log_prompts)
+        future = self.log.submit(record, retain=True)
+        state["submitted"] = True
+        if (self.wait_for_disk and not self.log.broken
+                and flow.outcome not in (Outcome.CLIENT_ABORT, Outcome.TRUNCATED)):
+            try:
+                await asyncio.wrap_future(future)
+            except AuditUnavailable:
+                pass  # still queued and retried; the writer logged the failure
+
+    # ------------------------------------------------------------ facts, computed once
+
+    async def _image_facts(self, flow: Flow) -> None:
+        """Hash the returned images once per miss and keep the result in flow.annotations, which
+        the cache stores with the entry and restores on a hit."""
+        body = flow.response_body
+        if (flow.route not in IMAGE_ROUTES or "output_image_sha256" in flow.annotations or body is None
+                or not 200 <= (flow.status or 0) < 300):
+            return
+        event_stream = flow.response is not None and flow.response.is_event_stream
+        if len(body) > OFF_LOOP_BYTES:
+            facts: ImageFacts = await asyncio.to_thread(analyze_images_body, body, event_stream)
+        else:
+            facts = analyze_images_body(body, event_stream)
+        flow.annotations["output_image_sha256"] = facts.sha256
+        flow.annotations["c2pa"] = facts.c2pa
+
+    @staticmethod
+    def _hashes_inputs_off_loop(flow: Flow) -> bool:
+        """Large image requests whose input hashes the normalize plugin hasn't computed already."""
+        return (flow.route in IMAGE_ROUTES and len(flow.body) > OFF_LOOP_BYTES
+                and normalized_input_hashes(flow) is None)
+
+    async def _request_facts(self, flow: Flow) -> RequestFacts:
+        task = flow.scratch.get(self.name, {}).get("facts")
+        try:
+            if task is not None:
+                return await task
+            if self._hashes_inputs_off_loop(flow):
+                return await asyncio.to_thread(request_facts, flow, self.log_prompts)
+            return request_facts(flow, self.log_prompts)
+        except Exception:  # a parse problem must never cost the record itself
+            log.exception("audit could not read the request", request_id=flow.request_id)
+            return RequestFacts()
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``gatekeeper audit verify | find-image | search``."""
+    from gatekeeper_plugins.audit_cli import add_audit_commands
+
+    add_audit_commands(subparsers)

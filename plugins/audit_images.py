@@ -1,0 +1,160 @@
+"""What the audit log says about images: hashes of the returned files and C2PA detection.
+
+The Images API returns each image as base64 of the encoded file (``data[].b64_json``, or the
+``b64_json`` of a ``*.completed`` SSE event). Its identity is the SHA-256 of the decoded bytes,
+which is also the SHA-256 of the file a client saves, so ``gatekeeper audit find-image`` can go
+from a file back to the request that produced it. Partial images of a stream are previews, not
+outputs, and are skipped. URL responses (DALL-E ``response_format=url``) carry no bytes and yield
+no hash: the gateway never fetches them.
+
+C2PA detection only reads container structure, never changes a byte: a PNG ``caBX`` chunk, a
+JPEG APP11 segment carrying JUMBF (``JP`` common identifier), a WebP ``C2PA`` RIFF chunk.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import struct
+
+import msgspec
+
+__all__ = ["ImageFacts", "analyze_json_body", "analyze_sse_body", "analyze_images_body", "has_c2pa", "sha256_hex"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageFacts(msgspec.Struct):
+    """One entry per returned image, in order."""
+
+    sha256: list[str]
+    c2pa: list[bool]
+
+
+class _Item(msgspec.Struct):
+    b64_json: str | None = None
+
+
+class _ImagesResponse(msgspec.Struct):
+    data: list[_Item] | None = None
+
+
+class _StreamEvent(msgspec.Struct):
+    type: str = ""
+    b64_json: str | None = None
+
+
+_decode_response = msgspec.json.Decoder(_ImagesResponse).decode
+_decode_event = msgspec.json.Decoder(_StreamEvent).decode
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _facts(images: list[bytes]) -> ImageFacts:
+    return ImageFacts([sha256_hex(image) for image in images], [has_c2pa(image) for image in images])
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return binascii.a2b_base64(text)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def analyze_json_body(body: bytes) -> ImageFacts:
+    """Facts about the ``data[].b64_json`` images of an ImagesResponse body."""
+    try:
+        response = _decode_response(body)
+    except msgspec.DecodeError:
+        return ImageFacts([], [])
+    images = []
+    for item in response.data or ():
+        if item.b64_json:
+            decoded = _b64decode(item.b64_json)
+            if decoded is not None:
+                images.append(decoded)
+    return _facts(images)
+
+
+def analyze_sse_body(body: bytes) -> ImageFacts:
+    """Facts about the final images of an image stream (``*.completed`` events only)."""
+    images = []
+    for frame in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        data = b"".join(line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:"))
+        if b"completed" not in data:
+            continue
+        try:
+            event = _decode_event(data)
+        except msgspec.DecodeError:
+            continue
+        if event.type.endswith(".completed") and event.b64_json:
+            decoded = _b64decode(event.b64_json)
+            if decoded is not None:
+                images.append(decoded)
+    return _facts(images)
+
+
+def analyze_images_body(body: bytes, event_stream: bool) -> ImageFacts:
+    return analyze_sse_body(body) if event_stream else analyze_json_body(body)
+
+
+# ------------------------------------------------------------------ C2PA
+
+
+def has_c2pa(image: bytes) -> bool:
+    """True when the file carries a C2PA manifest store where its format keeps one."""
+    if image.startswith(PNG_SIGNATURE):
+        return _png_has_c2pa(image)
+    if image.startswith(b"\xff\xd8"):
+        return _jpeg_has_c2pa(image)
+    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        return _webp_has_c2pa(image)
+    return False
+
+
+def _png_has_c2pa(image: bytes) -> bool:
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(image):
+        length, kind = struct.unpack_from(">I4s", image, position)
+        if kind == b"caBX":
+            return True
+        if kind == b"IEND":
+            return False
+        position += 12 + length
+    return False
+
+
+def _jpeg_has_c2pa(image: bytes) -> bool:
+    position = 2
+    while position + 4 <= len(image):
+        if image[position] != 0xFF:
+            return False
+        marker = image[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no metadata segments follow
+            return False
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            position += 2
+            continue
+        (length,) = struct.unpack_from(">H", image, position + 2)
+        if marker == 0xEB:  # APP11: JUMBF boxes behind the "JP" common identifier carry C2PA
+            payload = image[position + 4 : position + 2 + length]
+            if payload[:2] == b"JP" and b"c2pa" in payload:
+                return True
+        position += 2 + length
+    return False
+
+
+def _webp_has_c2pa(image: bytes) -> bool:
+    position = 12
+    while position + 8 <= len(image):
+        kind = image[position : position + 4]
+        (length,) = struct.unpack_from("<I", image, position + 4)
+        if kind == b"C2PA":
+            return True
+        position += 8 + length + (length & 1)
+    return False

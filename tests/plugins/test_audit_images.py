@@ -1,0 +1,83 @@
+"""Returned images are identified by the sha256 of their decoded bytes; C2PA is detected, never touched."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+import zlib
+
+import msgspec
+import pytest
+
+from gatekeeper.testing.fake_upstream import jpeg_bytes, png_bytes, webp_bytes
+from gatekeeper_plugins.audit_images import analyze_json_body, analyze_sse_body, has_c2pa
+
+MAKERS = {"png": png_bytes, "jpeg": jpeg_bytes, "webp": webp_bytes}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def sse(event: str, payload: dict) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + msgspec.json.encode({"type": event, **payload}) + b"\n\n"
+
+
+@pytest.mark.parametrize("fmt", MAKERS)
+def test_c2pa_manifest_is_detected_in_each_format(fmt):
+    assert has_c2pa(MAKERS[fmt]("seed", c2pa=True)) is True
+
+
+@pytest.mark.parametrize("fmt", MAKERS)
+def test_no_c2pa_is_reported_for_an_image_without_a_manifest(fmt):
+    assert has_c2pa(MAKERS[fmt]("seed")) is False
+
+
+def test_a_png_text_chunk_mentioning_c2pa_is_not_a_manifest():
+    plain = png_bytes("seed")
+    iend = plain.rindex(b"IEND") - 4
+    text = b"tEXt" + b"comment\x00caBX c2pa"
+    chunk = struct.pack(">I", len(text) - 4) + text + struct.pack(">I", zlib.crc32(text))
+    assert has_c2pa(plain[:iend] + chunk + plain[iend:]) is False
+
+
+def test_unknown_formats_have_no_c2pa():
+    assert has_c2pa(b"GIF89a....") is False
+
+
+def test_json_body_hashes_each_decoded_image_in_order():
+    images = [png_bytes("a"), png_bytes("b", c2pa=True)]
+    body = msgspec.json.encode({"created": 1, "data": [{"b64_json": b64(i)} for i in images], "usage": {}})
+    facts = analyze_json_body(body)
+    assert facts.sha256 == [sha(images[0]), sha(images[1])]
+    assert facts.c2pa == [False, True]
+
+
+def test_url_responses_yield_no_image_hashes():
+    body = msgspec.json.encode({"created": 1, "data": [{"url": "https://example.invalid/a.png"}]})
+    assert analyze_json_body(body).sha256 == []
+
+
+def test_a_stream_hashes_completed_images_and_skips_partials():
+    final, partial = png_bytes("final", c2pa=True), png_bytes("partial")
+    body = (sse("image_generation.partial_image", {"b64_json": b64(partial), "partial_image_index": 0})
+            + sse("image_generation.completed", {"b64_json": b64(final), "usage": {"total_tokens": 1}}))
+    facts = analyze_sse_body(body)
+    assert facts.sha256 == [sha(final)]
+    assert facts.c2pa == [True]
+
+
+def test_edit_streams_are_read_like_generation_streams():
+    final = jpeg_bytes("edit")
+    body = sse("image_edit.partial_image", {"b64_json": b64(png_bytes("p"))}) + sse(
+        "image_edit.completed", {"b64_json": b64(final)})
+    assert analyze_sse_body(body.replace(b"\n", b"\r\n")).sha256 == [sha(final)]
+
+
+def test_a_body_that_is_not_json_yields_no_hashes():
+    assert analyze_json_body(b"<html>bad gateway</html>").sha256 == []
