@@ -34,6 +34,7 @@ __all__ = [
 BUILTIN_PLUGINS = {
     "auth": "gatekeeper_plugins.auth",
     "forward": "gatekeeper_plugins.forward",
+    "metering": "gatekeeper_plugins.metering",
     "audit": "gatekeeper_plugins.audit",
 }
 DEFAULT_BUILTINS = list(BUILTIN_PLUGINS)

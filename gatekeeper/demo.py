@@ -31,6 +31,7 @@ def demo_config(upstream_url: str, upstream_key: str, host: str, port: int, work
             "keys": [{"id": "demo-1", "key": DEMO_CLIENT_KEY, "tenant": "demo"}],
         },
         "audit": {"path": str(workdir / "audit" / "gatekeeper-audit.jsonl"), "fsync": "always"},
+        "metering": {"database": f"sqlite:///{workdir.resolve()}/usage.db"},
     }
 
 

@@ -53,6 +53,7 @@ def base_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
             "keys": [{"id": "test-1", "key": CLIENT_KEY, "tenant": "test", "department": "qa"}],
         },
         "audit": {"path": str(workdir / "audit" / "gatekeeper-audit.jsonl"), "fsync": "always"},
+        "metering": {"database": f"sqlite:///{workdir}/usage.db"},
     }
 
 

@@ -1,0 +1,466 @@
+"""Cost metering: tokens and dollars per tenant, key and model; cache savings; budgets; reports.
+
+Usage is read from every response on a metered route as it passes: JSON bodies once at the
+end (only `usage`, `model` and the image count are decoded), event streams line by line
+(`metering_usage.SseUsageScanner`). `exchange_complete` is ``tryfirst`` so that ``flow.usage``,
+``flow.cost_usd`` and ``flow.saved_usd`` are set before audit and cache run; on a cache hit the
+cache has restored ``flow.usage`` and nothing is re-read. Rows go to SQLite or PostgreSQL in
+batches off the response path. Budgets are checked in `before_forward` against a pre-flight
+estimate held while the request is in flight. See docs/metering.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gatekeeper import hookimpl
+from gatekeeper.config import Config, ConfigError, load_config
+from gatekeeper.errors import GatewayError
+from gatekeeper.flow import Flow, Outcome
+from gatekeeper.logs import get_logger
+from gatekeeper_plugins.metering_budgets import BudgetLedger, OverBudget, Reservation, estimate_micros
+from gatekeeper_plugins.metering_config import MeteringConfig, load_settings, store_from_settings
+from gatekeeper_plugins.metering_metrics import MeteringMetrics
+from gatekeeper_plugins.metering_prices import PriceBook, Tokens, format_usd, micros_to_usd, round_micros
+from gatekeeper_plugins.metering_report import add_usage_command, parse_query, render, run_report
+from gatekeeper_plugins.metering_store import UsageRow, UsageStore
+from gatekeeper_plugins.metering_usage import (
+    IMAGE_ROUTES,
+    METERED_ROUTES,
+    RequestFacts,
+    SseUsageScanner,
+    request_facts,
+    summarize_json,
+    tokens_from_usage,
+)
+from gatekeeper_plugins.metering_writer import BatchWriter
+
+__all__ = ["Plugin", "register_commands"]
+
+log = get_logger("gatekeeper.metering")
+
+_WARN_EVERY_S = 300.0
+_NAME = "metering"
+
+
+class _FlowState:
+    """What metering keeps on one flow (``flow.scratch["metering"]``)."""
+
+    __slots__ = ("facts", "reservation", "scanner")
+
+    def __init__(self) -> None:
+        self.facts: RequestFacts | None = None
+        self.reservation: Reservation | None = None
+        self.scanner: SseUsageScanner | None = None
+
+
+class _Measured(msgspec.Struct):
+    """One request's usage and cost, ready to record."""
+
+    model: str | None
+    tokens: Tokens | None
+    images: int | None
+    cost_micros: int | None
+    saved_micros: int
+    unmetered: bool
+
+
+async def _observe(chunks: Any, scanner: SseUsageScanner) -> Any:
+    async for chunk in chunks:
+        scanner.feed(chunk)
+        yield chunk
+
+
+class Plugin:
+    """Meter every request on a metered route; enforce budgets; serve reports and metrics."""
+
+    name = _NAME
+    config_section = "metering"
+    Config = MeteringConfig
+
+    def __init__(self, config: Config, settings: MeteringConfig | None) -> None:
+        self.config = config
+        self.settings = settings or MeteringConfig()
+        self.store: UsageStore = store_from_settings(config, self.settings)
+        self.writer: BatchWriter | None = None
+        self.metrics: MeteringMetrics | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._warned: dict[str, float] = {}
+        self._take_settings(self.settings)
+        self.ledger = BudgetLedger(self.settings.budgets, self.settings.key_budgets)
+
+    def _take_settings(self, settings: MeteringConfig) -> None:
+        """The settings that can change live (on SIGHUP)."""
+        self.prices = PriceBook(settings.prices)
+        self.hit_fraction = settings.cache_hit_cost_fraction
+        self.default_estimate = round_micros(settings.default_estimate_usd * 1_000_000)
+
+    def describe(self) -> str:
+        budgets = len(self.settings.budgets) + len(self.settings.key_budgets)
+        where = self.settings.database.split("@")[-1] if "@" in self.settings.database else self.settings.database
+        return f"records usage to {where} (table {self.settings.table}); {budgets} budget(s)"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @hookimpl
+    async def startup(self, gateway: Any) -> None:
+        await self.store.open(create=True)
+        self.metrics = MeteringMetrics(gateway.metrics, gateway)
+        metrics = self.metrics
+        self.writer = BatchWriter(
+            self.store, batch_rows=self.settings.batch_rows, flush_interval_s=self.settings.flush_interval_ms / 1000,
+            max_queue_rows=self.settings.max_queue_rows, on_drop=lambda count: metrics.dropped_rows.inc(count))
+        writer = self.writer
+        metrics.queue.set_function(lambda: len(writer.queue))
+        self.writer.start()
+        if self.ledger:
+            await self.ledger.refresh(self.store, self.writer)
+        self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_budgets(), name="metering-budgets")
+
+    @hookimpl
+    async def shutdown(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            try:
+                await self._refresh_task
+            except asyncio.CancelledError:
+                pass
+            self._refresh_task = None
+        if self.writer is not None:
+            await self.writer.close()
+        await self.store.close()
+
+    async def _refresh_budgets(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.budget_refresh_s)
+            if self.ledger and self.writer is not None:
+                try:
+                    await self.ledger.refresh(self.store, self.writer)
+                except Exception as error:  # keep the last known totals; try again next time
+                    log.warning("metering could not refresh budget spend", error=repr(error))
+
+    @hookimpl
+    def reload_config(self, config: Config) -> None:
+        try:
+            settings = load_settings(config)
+        except ConfigError as error:
+            log.error("metering kept its old settings", error=str(error))
+            return
+        fixed = ("database", "table", "schema", "pool_size", "batch_rows", "flush_interval_ms", "max_queue_rows")
+        if any(getattr(settings, name) != getattr(self.settings, name) for name in fixed):
+            log.warning("metering storage settings change only on restart", keys=", ".join(fixed))
+        self._take_settings(settings)
+        ledger = BudgetLedger(settings.budgets, settings.key_budgets)
+        ledger.month, ledger.base, ledger.local, ledger.reserved = (
+            self.ledger.month, self.ledger.base, self.ledger.local, self.ledger.reserved)
+        self.ledger = ledger
+        self.settings = msgspec.structs.replace(settings, **{name: getattr(self.settings, name) for name in fixed})
+        if ledger and self.writer is not None:  # new budgets start from the database's totals
+            asyncio.get_running_loop().create_task(ledger.refresh(self.store, self.writer))
+
+    @hookimpl
+    def ready_check(self) -> dict[str, Any]:
+        writer = self.writer
+        return {
+            "ready": writer is not None,
+            "database": self.store.kind,
+            "queued_rows": len(writer.queue) if writer else 0,
+            "written_rows": writer.written if writer else 0,
+            "dropped_rows": writer.dropped if writer else 0,
+            "last_error": writer.last_error if writer else None,
+        }
+
+    @hookimpl
+    def register_routes(self) -> list[web.RouteDef]:
+        return [web.get("/admin/usage", self.usage_route)]
+
+    async def usage_route(self, request: web.Request) -> web.Response:
+        """``GET /admin/usage?since=&until=&group_by=&format=``: the report ``gatekeeper usage`` prints."""
+        params = request.query
+        fmt = params.get("format", "json")
+        try:
+            query = parse_query(params.get("since"), params.get("until"),
+                                params.get("group_by") or params.get("group-by"))
+            if fmt not in ("json", "csv", "table"):
+                raise ValueError(f"unknown format {fmt!r}: use json, csv or table")
+        except ValueError as error:
+            raise GatewayError(400, str(error), code="invalid_report_query") from None
+        if self.writer is not None:
+            await self.writer.flush()  # rows still queued belong in the report
+        rows = await run_report(self.store, query)
+        if fmt == "json":
+            return web.Response(body=msgspec.json.encode(rows), content_type="application/json")
+        return web.Response(text=render(query, rows, fmt), content_type="text/csv" if fmt == "csv" else "text/plain")
+
+    # ------------------------------------------------------------ request stages
+
+    def _state(self, flow: Flow) -> _FlowState:
+        state = flow.scratch.get(_NAME)
+        if state is None:
+            state = flow.scratch[_NAME] = _FlowState()
+        return state
+
+    def _facts(self, flow: Flow) -> RequestFacts:
+        state = self._state(flow)
+        if state.facts is None:
+            state.facts = request_facts(flow)
+        return state.facts
+
+    @hookimpl
+    def check_request(self, flow: Flow) -> None:
+        """With ``chat_stream_without_usage = "refuse"``, refuse chat streams that can't be metered."""
+        if self.settings.chat_stream_without_usage != "refuse" or flow.route != "chat/completions":
+            return
+        facts = self._facts(flow)
+        if facts.stream and not facts.include_usage:
+            raise GatewayError(
+                400, "This gateway meters streamed chat completions: set stream_options.include_usage to true.",
+                param="stream_options", code="stream_usage_required")
+
+    @hookimpl
+    def before_forward(self, flow: Flow) -> None:
+        """Refuse a request whose estimated cost would pass its tenant's or key's monthly budget."""
+        if not self.ledger or flow.route not in METERED_ROUTES or not self.ledger.scopes_for(flow.principal):
+            return
+        estimate = estimate_micros(flow.route, self._facts(flow), self.prices, self.default_estimate)
+        try:
+            reservation = self.ledger.reserve(flow.principal, estimate)
+        except OverBudget as over:
+            kind, name = over.scope
+            if self.metrics is not None:
+                self.metrics.budget_refusals.labels(kind, name).inc()
+            raise GatewayError(
+                429,
+                f"The {kind} {name!r} has used ${format_usd(over.committed_micros)} of its "
+                f"${format_usd(over.budget_micros)} monthly budget (requests in flight included); this request, "
+                f"estimated at ${format_usd(over.estimate)}, would exceed it.",
+                type="insufficient_quota", code="insufficient_quota",
+                headers={"x-should-retry": "false"}, outcome=Outcome.REJECTED) from None
+        self._state(flow).reservation = reservation
+
+    @hookimpl
+    def wrap_response_stream(self, flow: Flow, chunks: Any) -> Any:
+        """Scan event streams for usage as they pass; ask for the body of JSON answers."""
+        if flow.outcome == Outcome.CACHE_HIT or flow.route not in METERED_ROUTES:
+            return None
+        response = flow.response
+        if response is None or response.status >= 300:
+            return None
+        if response.is_event_stream:
+            scanner = self._state(flow).scanner = SseUsageScanner()
+            return _observe(chunks, scanner)
+        flow.collect_response_body = True
+        return None
+
+    @hookimpl(tryfirst=True)
+    def exchange_complete(self, flow: Flow) -> None:
+        """Set ``flow.usage``, ``flow.cost_usd`` (and ``saved_usd`` on a hit); queue the usage row."""
+        if flow.route not in METERED_ROUTES:
+            return
+        state = self._state(flow)
+        self.ledger.release(state.reservation)
+        state.reservation = None
+        if flow.outcome == Outcome.CACHE_HIT:
+            measured = self._measure_hit(flow)
+        else:
+            measured = self._measure_response(flow, state)
+        if measured.cost_micros is not None:
+            flow.cost_usd = micros_to_usd(measured.cost_micros)
+        if flow.outcome == Outcome.CACHE_HIT:
+            flow.saved_usd = micros_to_usd(measured.saved_micros)
+        self._record(flow, measured)
+
+    @hookimpl
+    def exchange_error(self, flow: Flow) -> None:
+        """Release the flow's reservation; record what it used, if the upstream was reached."""
+        if flow.route not in METERED_ROUTES:
+            return
+        state = self._state(flow)
+        self.ledger.release(state.reservation)
+        state.reservation = None
+        if flow.principal is None and flow.outcome == Outcome.AUTH_FAIL:
+            return
+        model = self._facts(flow).model
+        measured = _Measured(model, None, None, 0, 0, False)
+        if flow.outcome in (Outcome.TRUNCATED, Outcome.CLIENT_ABORT) and flow.attempts:
+            # The upstream may have billed for work the client never got: count what was seen.
+            scanner = state.scanner
+            if scanner is not None and scanner.usage is not None:
+                measured = self._price(flow, model, scanner.model, scanner.usage, None)
+            else:
+                measured = _Measured(model, None, None, None, 0, True)
+                self._count_unmetered(flow, flow.outcome)
+        if measured.cost_micros is not None and measured.cost_micros:
+            flow.cost_usd = micros_to_usd(measured.cost_micros)
+        self._record(flow, measured)
+
+    # ------------------------------------------------------------ measuring
+
+    def _measure_hit(self, flow: Flow) -> _Measured:
+        note = flow.annotations.get(_NAME) or {}
+        model = note.get("model") or self._facts(flow).model
+        tokens = tokens_from_usage(flow.usage, flow.route in IMAGE_ROUTES)
+        full = self._exact_cost(flow, model, tokens, note.get("images"))
+        if full is None:
+            return _Measured(model, tokens, note.get("images"), None if flow.usage else 0, 0, False)
+        return _Measured(model, tokens, note.get("images"), round_micros(full * self.hit_fraction),
+                         round_micros(full), False)
+
+    def _measure_response(self, flow: Flow, state: _FlowState) -> _Measured:
+        model = self._facts(flow).model
+        if (flow.status or 0) >= 300:
+            return _Measured(model, None, None, 0, 0, False)  # OpenAI does not bill refused requests
+        images: int | None = None
+        if state.scanner is not None:
+            usage, response_model = state.scanner.usage, state.scanner.model
+        else:
+            summary = summarize_json(flow.response_body) if flow.response_body else None
+            usage = summary.usage if summary else None
+            response_model = summary.model if summary else None
+            if summary is not None and flow.route in IMAGE_ROUTES:
+                images = summary.items
+        if usage is None and not (images is not None and self.prices.is_per_image(model)):
+            self._count_unmetered(flow, "stream_without_usage" if state.scanner is not None else "no_usage")
+            return _Measured(model, None, images, None, 0, True)
+        measured = self._price(flow, model, response_model, usage, images)
+        if usage is not None:
+            flow.usage = usage
+        if images is not None or measured.model != model:
+            flow.annotations[_NAME] = {"model": measured.model, "images": images}
+        return measured
+
+    def _price(self, flow: Flow, model: str | None, response_model: str | None, usage: dict[str, Any] | None,
+               images: int | None) -> _Measured:
+        """Cost `usage` (or `images`) at the price of the requested model, else the reported one."""
+        if self.prices.resolve(model) is None and response_model is not None:
+            model = response_model
+        tokens = tokens_from_usage(usage, flow.route in IMAGE_ROUTES)
+        exact = self._exact_cost(flow, model, tokens, images)
+        return _Measured(model, tokens, images, None if exact is None else round_micros(exact), 0, False)
+
+    def _exact_cost(self, flow: Flow, model: str | None, tokens: Tokens | None, images: int | None) -> Decimal | None:
+        if tokens is not None:
+            exact = self.prices.token_cost(model, tokens)
+        elif images is not None:
+            facts = self._facts(flow)
+            exact = self.prices.image_cost(model, facts.quality, facts.size, images)
+        else:
+            return None
+        if exact is None:
+            self._warn_unpriced(model)
+        return exact
+
+    def _warn_unpriced(self, model: str | None) -> None:
+        name = model or "(none)"
+        if self.metrics is not None:
+            self.metrics.unpriced.labels(self._model_label(model)).inc()
+        now = time.monotonic()
+        if now - self._warned.get(name, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            if len(self._warned) > 1000:
+                self._warned.clear()
+            self._warned[name] = now
+            log.warning("no price for this model: usage recorded with a null cost; add [metering.prices]",
+                        model=name)
+
+    def _count_unmetered(self, flow: Flow, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.unmetered.labels(reason).inc()
+        if reason == "stream_without_usage":
+            now = time.monotonic()
+            if now - self._warned.get("\0unmetered", -_WARN_EVERY_S) >= _WARN_EVERY_S:
+                self._warned["\0unmetered"] = now
+                log.warning("a streamed response carried no usage: recorded as unmetered (chat clients must set "
+                            "stream_options.include_usage)", route=flow.route)
+
+    def _model_label(self, model: str | None) -> str:
+        if model is None:
+            return "none"
+        return self.prices.resolve(model) or "other"
+
+    # ------------------------------------------------------------ recording
+
+    def _record(self, flow: Flow, measured: _Measured) -> None:
+        principal = flow.principal
+        tenant = principal.tenant if principal else None
+        key_id = principal.key_id if principal else None
+        hit = flow.outcome == Outcome.CACHE_HIT
+        tokens = measured.tokens
+        row = UsageRow(
+            request_id=flow.request_id, time=flow.time_start, tenant=tenant, key_id=key_id,
+            labels=dict(principal.labels) if principal else {}, model=measured.model, route=flow.route,
+            status=flow.status, outcome=flow.outcome, cache_hit=hit,
+            stream=bool(flow.response is not None and flow.response.is_event_stream), unmetered=measured.unmetered,
+            images=measured.images, cost_micros=measured.cost_micros, saved_micros=measured.saved_micros,
+            upstream_request_id=flow.upstream_request_id, latency_ms=round(flow.elapsed_ms, 3),
+        )
+        if tokens is not None:
+            row.input_tokens, row.output_tokens = tokens.input_total, tokens.output_total
+            row.input_text_tokens, row.input_image_tokens = tokens.text_input, tokens.image_input
+            row.input_cached_tokens = tokens.text_cached + tokens.image_cached
+            row.output_text_tokens, row.output_image_tokens = tokens.text_output, tokens.image_output
+        self.ledger.record(tenant, key_id, measured.cost_micros)
+        if self.writer is not None:
+            self.writer.add(row)
+        if self.metrics is not None:
+            self._observe_metrics(flow, row, tokens if not hit else None)
+
+    def _observe_metrics(self, flow: Flow, row: UsageRow, upstream_tokens: Tokens | None) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        tenant = row.tenant or "none"
+        model = self._model_label(row.model)
+        metrics.requests.labels(tenant, model, str(row.status or 0), (flow.cache_status or "none").lower()).inc()
+        if upstream_tokens is not None:
+            for direction, kind, count in (("input", "text", upstream_tokens.text_input + upstream_tokens.text_cached),
+                                           ("input", "image", upstream_tokens.image_input + upstream_tokens.image_cached),
+                                           ("output", "text", upstream_tokens.text_output),
+                                           ("output", "image", upstream_tokens.image_output)):
+                if count:
+                    metrics.tokens.labels(tenant, model, direction, kind).inc(count)
+        if row.cost_micros:
+            metrics.cost.labels(tenant, model).inc(row.cost_micros)
+        if row.saved_micros:
+            metrics.saved.labels(tenant, model).inc(row.saved_micros)
+        latency = flow.upstream_latency_s
+        if latency is not None and not row.cache_hit:
+            metrics.upstream_latency.labels(model).observe(latency)
+            if not row.stream:
+                metrics.overhead.labels(flow.route).observe(max(flow.elapsed_ms / 1000 - latency, 0.0))
+
+
+# ---------------------------------------------------------------- the `gatekeeper usage` command
+
+
+@hookimpl
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    add_usage_command(subparsers, cmd_usage)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Print a usage report from the database ``[metering]`` names."""
+    config = load_config(args.config)
+    settings = load_settings(config)
+    try:
+        query = parse_query(args.since, args.until, args.group_by)
+    except ValueError as error:
+        print(f"gatekeeper usage: {error}", file=sys.stderr)
+        return 2
+
+    async def report() -> list[dict[str, Any]]:
+        store = store_from_settings(config, settings)
+        await store.open(create=False)
+        try:
+            return await run_report(store, query)
+        finally:
+            await store.close()
+
+    sys.stdout.write(render(query, asyncio.run(report()), args.format))
+    return 0

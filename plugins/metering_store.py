@@ -1,0 +1,330 @@
+"""Where usage rows live: SQLite (embedded, WAL) or PostgreSQL (shared by replicas).
+
+One row per metered request. Both backends take rows in batches (`insert`), answer the
+month-to-date spend that budgets start from (`spent_since`) and the grouped sums that reports
+print (`report`). Money is stored as integer micro-dollars (``cost_micros``, ``saved_micros``);
+``cost_micros`` is NULL when the model has no price. Timestamps are UTC.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+__all__ = [
+    "GROUPS",
+    "ReportQuery",
+    "UsageRow",
+    "UsageStore",
+    "open_store",
+    "store_for_url",
+]
+
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+LABEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+GROUPS = ("tenant", "model", "key", "day")  # plus "label.NAME"
+
+_encode_json = msgspec.json.Encoder().encode
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """What one request used and cost. Token fields are None when the response had no usage."""
+
+    request_id: str
+    time: float  # epoch seconds, UTC
+    tenant: str | None
+    key_id: str | None
+    labels: dict[str, str]
+    model: str | None
+    route: str
+    status: int | None
+    outcome: str | None
+    cache_hit: bool
+    stream: bool
+    unmetered: bool  # the upstream may have billed, but the response carried no usage to count
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    input_text_tokens: int | None = None
+    input_image_tokens: int | None = None
+    input_cached_tokens: int | None = None
+    output_text_tokens: int | None = None
+    output_image_tokens: int | None = None
+    images: int | None = None
+    cost_micros: int | None = None  # None: tokens recorded, but the model has no price
+    saved_micros: int = 0
+    upstream_request_id: str | None = None
+    latency_ms: float | None = None
+
+
+COLUMNS = tuple(UsageRow.__struct_fields__[:1]) + ("ts",) + tuple(UsageRow.__struct_fields__[2:])
+
+
+@dataclass(frozen=True)
+class ReportQuery:
+    """Which rows a report sums (``since`` inclusive, ``until`` exclusive) and how it groups them."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    group_by: tuple[str, ...] = ("tenant", "model")
+
+
+# A report row: the group values, then requests, cache_hits, input_tokens, output_tokens,
+# cost_micros, saved_micros, unpriced_requests, unmetered_requests.
+ReportRow = tuple[Any, ...]
+
+
+class UsageStore(Protocol):
+    kind: str
+
+    async def open(self, create: bool = True) -> None: ...
+    async def close(self) -> None: ...
+    async def insert(self, rows: list[UsageRow]) -> None: ...
+    async def spent_since(self, start: datetime, column: str) -> dict[str, int]: ...
+    async def report(self, query: ReportQuery) -> list[ReportRow]: ...
+
+
+def _utc_text(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _sums(cache_hit: str, unmetered: str) -> str:
+    unpriced = f"CASE WHEN cost_micros IS NULL AND {unmetered} = 0 THEN 1 ELSE 0 END"
+    return (f"COUNT(*), SUM({cache_hit}), SUM(input_tokens), SUM(output_tokens), SUM(cost_micros), "
+            f"SUM(saved_micros), SUM({unpriced}), SUM({unmetered})")
+
+
+def _group_expressions(group_by: tuple[str, ...], day: str, label: str) -> list[str]:
+    expressions = []
+    for group in group_by:
+        if group == "key":
+            expressions.append("key_id")
+        elif group == "day":
+            expressions.append(day)
+        elif group.startswith("label."):
+            name = group[6:]
+            if not LABEL_NAME.fullmatch(name):
+                raise ValueError(f"invalid label name {name!r}")
+            expressions.append(label.format(name=name))  # validated above: safe to inline
+        elif group in ("tenant", "model"):
+            expressions.append(group)
+        else:
+            raise ValueError(f"unknown group {group!r}")
+    return expressions
+
+
+def _report_sql(table: str, query: ReportQuery, day: str, label: str, sums: str,
+                placeholder: Any) -> tuple[str, list[Any]]:
+    groups = _group_expressions(query.group_by, day, label)
+    where, params = [], []
+    if query.since is not None:
+        params.append(query.since)
+        where.append(f"ts >= {placeholder(len(params))}")
+    if query.until is not None:
+        params.append(query.until)
+        where.append(f"ts < {placeholder(len(params))}")
+    select = ", ".join([*groups, sums])
+    sql = f"SELECT {select} FROM {table}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if groups:
+        ordinals = ", ".join(str(i + 1) for i in range(len(groups)))
+        sql += f" GROUP BY {ordinals} ORDER BY {ordinals}"
+    return sql, params
+
+
+def _normalise(rows: list[Any], groups: int) -> list[ReportRow]:
+    """Sums as ints (Postgres returns numeric for SUM(bigint)); NULL sums of no rows as 0."""
+    return [tuple(row[:groups]) + tuple(int(v or 0) for v in row[groups:]) for row in rows if row[groups]]
+
+
+# ---------------------------------------------------------------- SQLite
+
+
+class SqliteStore:
+    """An embedded usage database: one file, WAL mode so reports can read while the gateway writes."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str, table: str) -> None:
+        self.path = path
+        self.table = table
+        self._db: Any = None
+
+    async def open(self, create: bool = True) -> None:
+        import aiosqlite
+
+        path = self.path
+        if path != ":memory:":
+            if create:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            elif not Path(path).exists():
+                path = ":memory:"  # nothing recorded yet: report on an empty database, create no file
+        self._db = await aiosqlite.connect(path, timeout=30.0)
+        await self._db.execute("PRAGMA busy_timeout = 30000")
+        if create:
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            await self._db.execute("PRAGMA synchronous = NORMAL")
+            await self._db.execute(f"""
+                CREATE TABLE IF NOT EXISTS {self.table} (
+                    request_id TEXT PRIMARY KEY, ts TEXT NOT NULL, tenant TEXT, key_id TEXT, labels TEXT,
+                    model TEXT, route TEXT, status INTEGER, outcome TEXT, cache_hit INTEGER NOT NULL,
+                    stream INTEGER NOT NULL, unmetered INTEGER NOT NULL,
+                    input_tokens INTEGER, output_tokens INTEGER, input_text_tokens INTEGER,
+                    input_image_tokens INTEGER, input_cached_tokens INTEGER, output_text_tokens INTEGER,
+                    output_image_tokens INTEGER, images INTEGER, cost_micros INTEGER,
+                    saved_micros INTEGER NOT NULL DEFAULT 0, upstream_request_id TEXT, latency_ms REAL)""")
+            await self._db.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_ts ON {self.table} (ts)")
+            await self._db.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_tenant_ts ON {self.table} (tenant, ts)")
+            await self._db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def insert(self, rows: list[UsageRow]) -> None:
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        values = [_row_values(row, _utc_text(datetime.fromtimestamp(row.time, UTC)), _encode_json(row.labels).decode())
+                  for row in rows]
+        await self._db.executemany(
+            f"INSERT OR IGNORE INTO {self.table} ({', '.join(COLUMNS)}) VALUES ({placeholders})", values)
+        await self._db.commit()
+
+    async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
+        import sqlite3
+
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                return []
+            raise
+
+    async def spent_since(self, start: datetime, column: str) -> dict[str, int]:
+        assert column in ("tenant", "key_id")
+        rows = await self._fetch(
+            f"SELECT {column}, SUM(cost_micros) FROM {self.table} WHERE ts >= ? AND {column} IS NOT NULL "
+            f"GROUP BY {column}", [_utc_text(start)])
+        return {name: int(total or 0) for name, total in rows}
+
+    async def report(self, query: ReportQuery) -> list[ReportRow]:
+        text_query = ReportQuery(
+            since=None if query.since is None else _utc_text(query.since),  # type: ignore[arg-type]
+            until=None if query.until is None else _utc_text(query.until),  # type: ignore[arg-type]
+            group_by=query.group_by)
+        sql, params = _report_sql(self.table, text_query, "substr(ts, 1, 10)", "json_extract(labels, '$.\"{name}\"')",
+                                  _sums("cache_hit", "unmetered"), lambda _n: "?")
+        return _normalise(await self._fetch(sql, params), len(query.group_by))
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+class PostgresStore:
+    """A usage table in PostgreSQL, shared by every replica (asyncpg pool)."""
+
+    kind = "postgresql"
+
+    def __init__(self, dsn: str, table: str, schema: str | None, pool_size: int) -> None:
+        self.dsn = dsn
+        self.table = f'"{schema}"."{table}"' if schema else f'"{table}"'
+        self.schema = schema
+        self.index_prefix = table
+        self.pool_size = pool_size
+        self._pool: Any = None
+
+    async def open(self, create: bool = True) -> None:
+        import asyncpg
+
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size)
+        if not create:
+            return
+        async with self._pool.acquire() as connection, connection.transaction():
+            # Replicas start together: serialise their CREATE ... IF NOT EXISTS (which can race).
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", "gatekeeper-metering:" + self.table)
+            if self.schema:
+                await connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await connection.execute(f"""
+                CREATE TABLE IF NOT EXISTS {self.table} (
+                    request_id TEXT PRIMARY KEY, ts TIMESTAMPTZ NOT NULL, tenant TEXT, key_id TEXT, labels JSONB,
+                    model TEXT, route TEXT, status INTEGER, outcome TEXT, cache_hit BOOLEAN NOT NULL,
+                    stream BOOLEAN NOT NULL, unmetered BOOLEAN NOT NULL,
+                    input_tokens BIGINT, output_tokens BIGINT, input_text_tokens BIGINT,
+                    input_image_tokens BIGINT, input_cached_tokens BIGINT, output_text_tokens BIGINT,
+                    output_image_tokens BIGINT, images INTEGER, cost_micros BIGINT,
+                    saved_micros BIGINT NOT NULL DEFAULT 0, upstream_request_id TEXT, latency_ms DOUBLE PRECISION)""")
+            await connection.execute(
+                f'CREATE INDEX IF NOT EXISTS "{self.index_prefix}_ts" ON {self.table} (ts)')
+            await connection.execute(
+                f'CREATE INDEX IF NOT EXISTS "{self.index_prefix}_tenant_ts" ON {self.table} (tenant, ts)')
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def insert(self, rows: list[UsageRow]) -> None:
+        placeholders = ", ".join(f"${i + 1}" + ("::jsonb" if name == "labels" else "") for i, name in enumerate(COLUMNS))
+        values = [_row_values(row, datetime.fromtimestamp(row.time, UTC), _encode_json(row.labels).decode())
+                  for row in rows]
+        async with self._pool.acquire() as connection:
+            await connection.executemany(
+                f"INSERT INTO {self.table} ({', '.join(COLUMNS)}) VALUES ({placeholders}) "
+                f"ON CONFLICT (request_id) DO NOTHING", values)
+
+    async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
+        import asyncpg
+
+        try:
+            async with self._pool.acquire() as connection:
+                return [tuple(record) for record in await connection.fetch(sql, *params)]
+        except asyncpg.UndefinedTableError:
+            return []
+
+    async def spent_since(self, start: datetime, column: str) -> dict[str, int]:
+        assert column in ("tenant", "key_id")
+        rows = await self._fetch(
+            f"SELECT {column}, SUM(cost_micros) FROM {self.table} WHERE ts >= $1 AND {column} IS NOT NULL "
+            f"GROUP BY {column}", [start])
+        return {name: int(total or 0) for name, total in rows}
+
+    async def report(self, query: ReportQuery) -> list[ReportRow]:
+        sql, params = _report_sql(self.table, query, "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+                                  "labels->>'{name}'", _sums("cache_hit::int", "unmetered::int"),
+                                  lambda n: f"${n}")
+        return _normalise(await self._fetch(sql, params), len(query.group_by))
+
+
+def _row_values(row: UsageRow, ts: Any, labels: str) -> tuple[Any, ...]:
+    values = list(msgspec.structs.astuple(row))
+    values[1] = ts
+    values[4] = labels
+    return tuple(values)
+
+
+def store_for_url(database: str, table: str, schema: str | None = None, pool_size: int = 4,
+                  base_dir: Path | None = None) -> UsageStore:
+    """The store a ``[metering] database`` URL names.
+
+    ``sqlite:///usage.db`` is relative (to `base_dir`, the config file's folder), and
+    ``sqlite:////var/lib/gk/usage.db`` absolute; ``postgresql://user@host/db`` is PostgreSQL.
+    """
+    if database.startswith("sqlite:///"):
+        path = database[len("sqlite:///"):]
+        if path != ":memory:" and not Path(path).is_absolute() and base_dir is not None:
+            path = str(base_dir / path)
+        return SqliteStore(path, table)
+    if database.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(database, table, schema, pool_size)
+    raise ValueError("database must start with sqlite:/// or postgresql://")
+
+
+async def open_store(store: UsageStore, create: bool = True) -> UsageStore:
+    await store.open(create)
+    return store
