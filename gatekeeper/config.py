@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -43,6 +43,11 @@ CORE_SECTIONS = ("server", "upstream", "upstreams", "plugins")
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 T = TypeVar("T")
 
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
 
 class ConfigError(Exception):
     """A config file that can't be used; the message names the file and the key."""
@@ -53,11 +58,13 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = 8080
     unix_socket: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
-    max_concurrency: int = 512
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
+    max_concurrency: NonNegativeInt = 512  # 0: no limit
+    header_timeout_s: PositiveFloat = 10.0  # the whole request head, from its first byte (or from connect)
+    body_timeout_s: PositiveFloat = 60.0
+    keepalive_timeout_s: PositiveFloat = 75.0  # an idle keep-alive connection is closed after this
+    send_timeout_s: PositiveFloat = 60.0  # a client that reads nothing for this long is disconnected
     shutdown_timeout_s: float = 30.0
-    write_buffer_bytes: int = 1024 * 1024
+    write_buffer_bytes: PositiveInt = 1024 * 1024  # per-connection send buffer high-water mark
     uvloop: bool = False
     access_log: bool = True
     log_level: str = "info"
@@ -69,18 +76,19 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_key: str | None = None
     organization: str | None = None
     project: str | None = None
-    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
-    priority: int = 0
-    weight: int = 1
-    max_retries: int = 2
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 600.0
-    total_timeout_s: float = 900.0
-    retry_after_send: bool = False
-    retry_backoff_s: float = 0.5
-    retry_max_delay_s: float = 8.0
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 30.0
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])  # fnmatch globs of the models it serves
+    priority: int = 0  # higher is tried first
+    weight: NonNegativeInt = 1  # random share among upstreams of equal priority (0: only as a fallback)
+    max_retries: NonNegativeInt = 2  # attempts after the first (failovers included; each upstream gets one anyway)
+    connect_timeout_s: PositiveFloat = 10.0
+    read_timeout_s: PositiveFloat = 600.0  # longest silence: before the headers or between body chunks
+    total_timeout_s: PositiveFloat = 900.0  # the whole upstream exchange, retries and body included
+    buffer_response_bytes: NonNegativeInt = 64 * 1024 * 1024  # JSON answers up to this are read whole (0: stream them)
+    retry_after_send: bool = False  # re-send POSTs whose request may have reached the upstream (bills twice)
+    retry_backoff_s: NonNegativeFloat = 0.5  # first retry waits up to this (full jitter), doubling each time
+    retry_max_delay_s: NonNegativeFloat = 8.0  # cap on one wait, and on a retry-after the gateway honours
+    breaker_failures: NonNegativeInt = 5  # consecutive failures that open the circuit (0: no breaker)
+    breaker_cooldown_s: NonNegativeFloat = 30.0  # open this long, then one probe request (half-open)
 
 
 class PluginsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gatekeeper.app import GATEWAY, Gateway, make_app
 from gatekeeper.config import Config, ConfigError, load_config
+from gatekeeper.connection_guards import ConnectionGuards, GuardedAppRunner, GuardsCollector
 from gatekeeper.logs import get_logger
 
 __all__ = ["RunningGateway", "start_gateway", "serve"]
@@ -42,13 +43,17 @@ async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = Non
     """Build the app and listen on the configured TCP address or unix socket."""
     app = make_app(config, extra_plugins)
     server = config.server
-    runner = web.AppRunner(
+    guards = ConnectionGuards(server.header_timeout_s, server.send_timeout_s, server.write_buffer_bytes)
+    runner = GuardedAppRunner(
         app,
+        guards=guards,
         access_log=None,
         handler_cancellation=True,  # a client that goes away cancels its flow (and its upstream call)
         shutdown_timeout=server.shutdown_timeout_s,
+        keepalive_timeout=server.keepalive_timeout_s,
         max_field_size=16384,
     )
+    app[GATEWAY].metrics.register(GuardsCollector(guards))
     await runner.setup()
     if server.unix_socket:
         site: web.BaseSite = web.UnixSite(runner, server.unix_socket)

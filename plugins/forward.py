@@ -1,26 +1,36 @@
-"""The built-in forwarder: sends a flow to the upstream and streams the answer back.
+"""The built-in forwarder: sends a flow upstream, retries and fails over, streams the answer back.
 
 It is ``trylast`` on `forward_request`, so any plugin that returns a response first takes over.
 One pooled ``ClientSession`` serves every request. The upstream key replaces whatever
 credentials the client sent; hop-by-hop headers are dropped both ways; bodies stream through
 untouched, and small ones are read whole so the pipeline can answer in one write.
+
+Faults (docs/resilience.md): connection failures and 429/500/502/503/504 are retried, with
+failover across the upstreams that serve the model and a circuit breaker per upstream, until
+``max_retries`` is used up, all before anything reaches the client. A request that may already
+have reached the upstream (a stall or a drop after sending) is never sent again unless it is a
+GET or the upstream has ``retry_after_send = true``: a generation sent twice is billed twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
 
 from gatekeeper import hookimpl
-from gatekeeper.config import Config, UpstreamConfig
-from gatekeeper.errors import GatewayError
+from gatekeeper.config import Config
+from gatekeeper.errors import GatewayError, error_body
 from gatekeeper.flow import Flow, GatewayResponse, Outcome
-from gatekeeper.logs import get_logger
+from gatekeeper.logs import get_logger, register_secret
+from gatekeeper_plugins.forward_retry import RETRYABLE_STATUSES, SAFE_METHODS, backoff_s, retry_after_s
+from gatekeeper_plugins.forward_routing import Router, Upstream, UpstreamCollector
 
 log = get_logger("gatekeeper.forward")
 
@@ -35,7 +45,8 @@ DROP_REQUEST = HOP_BY_HOP | {
     "cookie", "x-gatekeeper-cache-ttl",
 }
 DROP_RESPONSE = HOP_BY_HOP | {"date", "server", "set-cookie"}
-SMALL_BODY_BYTES = 256 * 1024  # answers up to this size are read whole and sent in one write
+SMALL_BODY_BYTES = 256 * 1024  # other (non-JSON, non-SSE) answers up to this size are sent in one write
+ERROR_BODY_BYTES = 64 * 1024  # a retryable error body longer than this is not kept for relaying
 
 
 def strip_headers(headers: Any, drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
@@ -51,117 +62,331 @@ def strip_headers(headers: Any, drop: frozenset[str] | set[str]) -> CIMultiDict[
     return out
 
 
-def model_matches(patterns: list[str], model: str | None) -> bool:
-    from fnmatch import fnmatchcase
+@dataclass(slots=True)
+class ErrorReply:
+    """A retryable error answer from an upstream, read whole so it can be relayed as is."""
 
-    if model is None:
-        return "*" in patterns
-    return any(fnmatchcase(model, pattern) for pattern in patterns)
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class Failure:
+    """Why one attempt did not produce a response to return.
+
+    ``sent`` is True when the upstream may have received the request (so it may bill for it);
+    ``reply`` is set when it answered with a retryable status.
+    """
+
+    kind: str  # "status", "connect_error", "timeout", "disconnect"
+    sent: bool
+    detail: str
+    reply: ErrorReply | None = None
 
 
 class Plugin:
-    """Forward flows to ``[upstream]`` (or the ``[upstreams.NAME]`` that serves the model)."""
+    """Forward flows to ``[upstream]`` or the ``[upstreams.NAME]`` that serve the model."""
 
     name = "forward"
 
     def __init__(self, config: Config, settings: None) -> None:
         self.config = config
-        self.upstreams = config.all_upstreams()
+        self.router = Router(config.all_upstreams())
         self.session: aiohttp.ClientSession | None = None
 
     def describe(self) -> str:
-        return "forwards to " + ", ".join(f"{name}={u.base_url}" for name, u in self.upstreams.items())
+        return "forwards to " + ", ".join(f"{u.name}={u.base_url}" for u in self.router.upstreams)
+
+    # ------------------------------------------------------------ lifecycle
 
     @hookimpl
-    async def startup(self) -> None:
+    async def startup(self, gateway: Any) -> None:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
+        gateway.metrics.register(UpstreamCollector(lambda: self.router))
 
     @hookimpl
     async def shutdown(self) -> None:
         if self.session is not None:
             await self.session.close()
 
-    def choose(self, flow: Flow) -> tuple[str, UpstreamConfig]:
-        if flow.upstream_name:
-            upstream = self.upstreams.get(flow.upstream_name)
-            if upstream is None:
-                raise GatewayError(502, f"No upstream named {flow.upstream_name!r} is configured.",
-                                   code="upstream_not_found", outcome=Outcome.UPSTREAM_ERROR)
-            return flow.upstream_name, upstream
-        model = flow.model
-        candidates = [(name, u) for name, u in self.upstreams.items() if model_matches(u.models, model)]
-        if not candidates:
-            raise GatewayError(404, f"No upstream serves the model {model!r}.", code="model_not_found", param="model")
-        candidates.sort(key=lambda item: -item[1].priority)
-        return candidates[0]
+    @hookimpl
+    def ready_check(self) -> dict[str, Any]:
+        """Ready while at least one upstream's breaker lets requests through."""
+        upstreams = self.router.upstreams
+        return {
+            "ready": any(u.breaker.available() for u in upstreams),
+            "upstreams": {u.name: u.breaker.report() for u in upstreams},
+        }
 
-    def upstream_headers(self, flow: Flow, upstream: UpstreamConfig) -> CIMultiDict[str]:
+    @hookimpl
+    def reload_config(self, config: Config) -> None:
+        for secret in config.secrets():
+            register_secret(secret)
+        self.router = Router(config.all_upstreams(), previous=self.router)
+
+    # ------------------------------------------------------------ forwarding
+
+    def upstream_headers(self, flow: Flow, upstream: Upstream) -> CIMultiDict[str]:
         headers = strip_headers(flow.headers, DROP_REQUEST)
-        if upstream.api_key:
-            headers["Authorization"] = f"Bearer {upstream.api_key}"
-        if upstream.organization:
-            headers["OpenAI-Organization"] = upstream.organization
-        if upstream.project:
-            headers["OpenAI-Project"] = upstream.project
+        config = upstream.config
+        if config.api_key:
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        if config.organization:
+            headers["OpenAI-Organization"] = config.organization
+        if config.project:
+            headers["OpenAI-Project"] = config.project
         # Plain bytes from upstream, so usage can be read and cached bodies are what clients get.
         headers["Accept-Encoding"] = "identity"
         return headers
 
     @hookimpl(trylast=True)
     async def forward_request(self, flow: Flow) -> GatewayResponse:
+        """Try the flow's upstreams until one answers, within the retry budget and the deadline."""
         assert self.session is not None, "forward plugin used before startup"
-        name, upstream = self.choose(flow)
-        url = upstream.base_url.rstrip("/") + "/" + flow.route
+        candidates = self.router.candidates(flow.model, flow.upstream_name)
+        primary = candidates[0].config
+        # Every candidate gets its turn (failover) even when max_retries allows fewer attempts.
+        budget = max(1 + primary.max_retries, len(candidates))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + primary.total_timeout_s
+        record: dict[str, Any] = {"upstreams": [], "last_error": None}
+        flow.scratch["forward"] = record
+        tries: dict[str, int] = {}  # attempts per upstream in this flow
+        asked_delay: dict[str, float] = {}  # the retry-after of each upstream's last answer
+        excluded: set[str] = set()  # upstreams that asked for a longer wait than retry_max_delay_s
+        last_reply: ErrorReply | None = None
+        failure: Failure | None = None
+        unsafe_to_resend = False
+        cursor = 0
+        for _ in range(budget):
+            upstream, cursor = self._next_upstream(candidates, cursor, excluded)
+            if upstream is None:  # every breaker is open, or every upstream asked for a long wait
+                break
+            config = upstream.config
+            delay = 0.0
+            if upstream.name in tries:  # failing over to a fresh upstream goes at once
+                delay = asked_delay.get(upstream.name)
+                if delay is None:
+                    delay = backoff_s(tries[upstream.name], config.retry_backoff_s, config.retry_max_delay_s)
+            if loop.time() + delay >= deadline:
+                break
+            probe = upstream.breaker.acquire()
+            verdict_given = False
+            try:
+                if delay:
+                    await asyncio.sleep(delay)
+                tries[upstream.name] = tries.get(upstream.name, 0) + 1
+                flow.attempts += 1
+                record["upstreams"].append(upstream.name)
+                outcome = await self._attempt(flow, upstream, deadline - loop.time(), probe)
+                verdict_given = True
+            finally:
+                if not verdict_given:
+                    upstream.breaker.abandoned(probe)
+            if isinstance(outcome, GatewayResponse):
+                flow.upstream_name = upstream.name
+                return outcome
+            failure = outcome
+            record["last_error"] = f"{upstream.name}: {failure.detail}"
+            log.warning("upstream attempt failed", request_id=flow.request_id, upstream=upstream.name,
+                        kind=failure.kind, detail=failure.detail, attempt=flow.attempts)
+            if failure.reply is not None:
+                last_reply = failure.reply
+                wait = retry_after_s(failure.reply.headers)
+                if wait is not None and wait > config.retry_max_delay_s:
+                    excluded.add(upstream.name)
+                elif wait is not None:
+                    asked_delay[upstream.name] = wait
+                else:
+                    asked_delay.pop(upstream.name, None)
+            elif failure.sent and not (flow.method in SAFE_METHODS or config.retry_after_send):
+                unsafe_to_resend = True  # it may be generating already: a second send (anywhere) bills twice
+                break
+        return self._give_up(flow, candidates, last_reply, failure, unsafe_to_resend)
+
+    def _next_upstream(self, candidates: list[Upstream], cursor: int,
+                       excluded: set[str]) -> tuple[Upstream | None, int]:
+        """The next usable candidate at or after `cursor` (cycling), and the cursor after it."""
+        count = len(candidates)
+        for step in range(count):
+            index = (cursor + step) % count
+            upstream = candidates[index]
+            if upstream.name not in excluded and upstream.breaker.available():
+                return upstream, index + 1
+        return None, cursor
+
+    async def _attempt(self, flow: Flow, upstream: Upstream, remaining_s: float,
+                       probe: bool) -> GatewayResponse | Failure:
+        """One request to one upstream; gives the breaker its verdict."""
+        assert self.session is not None
+        config = upstream.config
+        url = upstream.base_url + "/" + flow.route
         if flow.query_string:
             url += "?" + flow.query_string
-        timeout = aiohttp.ClientTimeout(total=upstream.total_timeout_s, sock_connect=upstream.connect_timeout_s,
-                                        sock_read=upstream.read_timeout_s)
-        flow.attempts += 1
-        flow.scratch["upstream"] = name
+        timeout = aiohttp.ClientTimeout(total=min(config.total_timeout_s, remaining_s),
+                                        connect=config.connect_timeout_s, sock_read=config.read_timeout_s)
         started = time.perf_counter()
         try:
             response = await self.session.request(
-                flow.method, url, data=flow.body if flow.body else None,
-                headers=self.upstream_headers(flow, upstream), timeout=timeout, allow_redirects=False,
+                flow.method, url, data=flow.body or None, headers=self.upstream_headers(flow, upstream),
+                timeout=timeout, allow_redirects=False,
             )
-        except asyncio.TimeoutError:
-            raise GatewayError(504, f"The upstream did not answer within the gateway's timeout.",
-                               code="upstream_timeout", outcome=Outcome.UPSTREAM_ERROR) from None
-        except aiohttp.ClientError as error:
-            log.warning("upstream unreachable", upstream=name, error=type(error).__name__)
-            raise GatewayError(502, "The gateway could not reach the upstream.",
-                               code="upstream_unreachable", outcome=Outcome.UPSTREAM_ERROR) from None
-        flow.upstream_latency_s = time.perf_counter() - started
-        return await self.to_gateway_response(flow, response)
+            if response.status in RETRYABLE_STATUSES:
+                failure = Failure("status", True, f"HTTP {response.status}", await _read_error_reply(response))
+                upstream.results[f"status_{response.status}"] += 1
+                upstream.breaker.failed(probe)
+                return failure
+            flow.upstream_latency_s = time.perf_counter() - started
+            result = await self.to_gateway_response(flow, response, upstream)
+        except Exception as error:  # noqa: BLE001 - every transport failure becomes a Failure
+            failure = _transport_failure(error)
+            if failure is None:
+                raise
+            upstream.results[failure.kind] += 1
+            upstream.breaker.failed(probe)
+            return failure
+        upstream.results["ok"] += 1
+        upstream.breaker.succeeded(probe)
+        return result
 
-    async def to_gateway_response(self, flow: Flow, response: aiohttp.ClientResponse) -> GatewayResponse:
+    async def to_gateway_response(self, flow: Flow, response: aiohttp.ClientResponse,
+                                  upstream: Upstream) -> GatewayResponse:
+        """Wrap the upstream's answer: JSON is read whole first (up to a limit); SSE streams through.
+
+        A JSON body is of no use to a client until its last byte, so reading it whole costs the
+        client nothing, and a break part-way then still ends in a clean error (which the forwarder
+        may retry, and which tells the SDK not to resend) instead of a cut the SDK would retry.
+        """
         headers = strip_headers(response.headers, DROP_RESPONSE)
         flow.upstream_request_id = response.headers.get("x-request-id")
         flow.openai_organization = response.headers.get("openai-organization")
         flow.openai_project = response.headers.get("openai-project")
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         length = response.content_length
-        if length is not None and length <= SMALL_BODY_BYTES and not headers.get("content-type", "").startswith("text/event-stream"):
-            try:
-                body = await response.read()
-            except asyncio.TimeoutError:
-                response.close()
-                raise GatewayError(504, "The upstream stopped sending its response.", code="upstream_timeout",
-                                   outcome=Outcome.UPSTREAM_ERROR) from None
-            except aiohttp.ClientError:
-                response.close()
-                raise GatewayError(502, "The upstream connection broke while sending its response.",
-                                   code="upstream_disconnected", outcome=Outcome.UPSTREAM_ERROR) from None
-            return GatewayResponse(response.status, headers, body=body)
-        return GatewayResponse(response.status, headers, chunks=_body_chunks(response), release=response.close)
+        if media_type.endswith("json"):
+            limit = upstream.config.buffer_response_bytes
+        elif media_type != "text/event-stream" and length is not None and length <= SMALL_BODY_BYTES:
+            limit = SMALL_BODY_BYTES  # small enough for one write (audio and the like stream otherwise)
+        else:
+            limit = 0
+        if not limit or (length is not None and length > limit):
+            return GatewayResponse(response.status, headers, chunks=_body_chunks(response, upstream),
+                                   release=response.close)
+        try:
+            if length is not None:
+                return GatewayResponse(response.status, headers, body=await response.read())
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_any():
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:  # no content-length, and longer than the limit: stream the rest
+                    return GatewayResponse(response.status, headers, chunks=_body_chunks(response, upstream, parts),
+                                           release=response.close)
+        except BaseException:
+            response.close()
+            raise
+        return GatewayResponse(response.status, headers, body=parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _give_up(self, flow: Flow, candidates: list[Upstream], reply: ErrorReply | None,
+                 failure: Failure | None, unsafe_to_resend: bool) -> GatewayResponse:
+        """The answer when no attempt succeeded: the upstream's own last error, or the gateway's.
+
+        ``x-should-retry: false`` once the gateway has made more than one attempt (the SDK's
+        retries would only multiply upstream calls) and whenever a re-send could bill twice;
+        otherwise the SDK's own retry logic decides.
+        """
+        tried = flow.scratch["forward"]["upstreams"]
+        if tried:
+            flow.upstream_name = tried[-1]  # for the audit record: where the last attempt went
+        final = flow.attempts > 1 or unsafe_to_resend
+        if failure is None:  # nothing was sent: every breaker is open
+            wait = min(u.breaker.retry_in_s() for u in candidates)
+            raise GatewayError(503, "Every upstream for this request is cooling down after repeated failures; "
+                                    "retry later.", code="upstream_unavailable", outcome=Outcome.UPSTREAM_ERROR,
+                               headers={"retry-after": str(max(1, math.ceil(wait))), "x-should-retry": "true"})
+        if reply is not None:
+            headers = strip_headers(reply.headers, DROP_RESPONSE)
+            if final:
+                headers["x-should-retry"] = "false"
+            else:
+                headers.setdefault("x-should-retry", "true")
+            if reply.status in (429, 503) and "retry-after" not in headers:
+                headers["retry-after"] = "1"
+            flow.upstream_request_id = reply.headers.get("x-request-id")
+            return GatewayResponse(reply.status, headers, body=reply.body)
+        should_retry = {"x-should-retry": "false" if final else "true"}
+        if failure.kind == "timeout":
+            raise GatewayError(504, "The upstream did not answer within the gateway's timeout.",
+                               code="upstream_timeout", outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
+        if failure.kind == "connect_error":
+            raise GatewayError(502, "The gateway could not reach the upstream.", code="upstream_unreachable",
+                               outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
+        raise GatewayError(502, "The upstream connection broke before it sent a complete answer.",
+                           code="upstream_disconnected", outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
 
 
-async def _body_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+def _transport_failure(error: BaseException) -> Failure | None:
+    """Classify a client-side exception; None for anything that is not a transport failure."""
+    detail = f"{type(error).__name__}: {error}"[:300]
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return Failure("timeout", False, detail)  # the connection never opened: nothing was sent
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return Failure("connect_error", False, detail)
+    if isinstance(error, asyncio.TimeoutError):  # sock_read, or the total deadline, after sending
+        return Failure("timeout", True, detail)
+    if isinstance(error, aiohttp.ClientError):
+        return Failure("disconnect", True, detail)
+    return None
+
+
+async def _read_error_reply(response: aiohttp.ClientResponse) -> ErrorReply:
+    """Read a retryable error answer whole and hand the connection back (or close it)."""
+    headers = CIMultiDict(response.headers)
+    body: bytes | None = None
+    try:
+        if response.content_length is None or response.content_length <= ERROR_BODY_BYTES:
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > ERROR_BODY_BYTES:
+                    break
+                parts.append(chunk)
+            else:
+                body = b"".join(parts)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        body = None
+    finally:
+        if body is None:
+            response.close()
+        else:
+            response.release()
+    if body is None:
+        body = error_body(f"The upstream answered HTTP {response.status}.",
+                          type="server_error" if response.status >= 500 else "rate_limit_exceeded")
+        headers["content-type"] = "application/json"
+        headers.popall("content-length", None)
+    return ErrorReply(response.status, headers, body)
+
+
+async def _body_chunks(response: aiohttp.ClientResponse, upstream: Upstream,
+                       already_read: list[bytes] | None = None) -> AsyncIterator[bytes]:
     """The upstream body as it arrives; the connection goes back to the pool only when read in full."""
-    async for chunk in response.content.iter_any():
+    for chunk in already_read or ():
         yield chunk
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        # A break mid-body counts against the upstream; the pipeline ends the flow as truncated.
+        upstream.results["disconnect"] += 1
+        upstream.breaker.failed(False)
+        raise
     response.release()

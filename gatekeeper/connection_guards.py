@@ -1,0 +1,163 @@
+"""Connection-level protection against slow and greedy clients, which aiohttp's server lacks.
+
+- Header timeout: a request head (request line and headers) must arrive in full within
+  ``[server] header_timeout_s`` of its first byte (or of the connect, for a new connection), so
+  slowloris clients that trickle header bytes are cut off. Idle keep-alive connections are the
+  keep-alive timeout's business; body reads have their own timeout in the pipeline.
+- Bounded write buffering: the transport's high-water mark is ``[server] write_buffer_bytes``.
+  Above it aiohttp's writes wait (backpressure reaches the upstream read loop), so a client that
+  does not read costs at most that much memory.
+- Send timeout: a client whose buffer stays above the mark for ``[server] send_timeout_s``
+  (it reads nothing) is disconnected, which cancels its flow and frees its concurrency slot.
+
+`GuardedAppRunner` is an ``aiohttp.web.AppRunner`` whose connections are `GuardedRequestHandler`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from gatekeeper.logs import get_logger
+
+__all__ = ["ConnectionGuards", "GuardedAppRunner", "GuardedRequestHandler", "GuardsCollector"]
+
+log = get_logger("gatekeeper.server")
+
+
+@dataclass
+class ConnectionGuards:
+    """The limits every connection gets, and how often each one closed a connection."""
+
+    header_timeout_s: float
+    send_timeout_s: float
+    write_buffer_bytes: int
+    closed: Counter[str] = field(default_factory=Counter)  # by reason: header_timeout, send_timeout
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's HTTP/1 protocol with a header timeout, a send timeout and a bounded send buffer."""
+
+    __slots__ = ("_guards", "_head_timer", "_send_timer", "_requests_done")
+
+    def __init__(self, manager: web.Server, *, guards: ConnectionGuards, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guards = guards
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._requests_done = 0  # requests whose handling finished; _request_count counts heads parsed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        high = self._guards.write_buffer_bytes
+        transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        idle = self._request_count == self._requests_done
+        if idle and self._head_timer is None and data:
+            self._arm_head_timer()  # the first bytes of a new request head
+        super().data_received(data)
+        if self._head_timer is not None and self._request_count != self._requests_done:
+            self._cancel_head_timer()  # the head is complete
+
+    async def _handle_request(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super()._handle_request(*args, **kwargs)
+        finally:
+            self._requests_done += 1
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self._guards.header_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is None or self._request_count != self._requests_done:
+            return
+        self._guards.closed["header_timeout"] += 1
+        log.debug("closing a connection whose request head did not arrive in time", peer=self.peername)
+        self.force_close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self._guards.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or not self.writing_paused:
+            return
+        self._guards.closed["send_timeout"] += 1
+        log.debug("disconnecting a client that stopped reading", peer=self.peername)
+        transport.abort()  # close() would wait for a buffer this client never drains
+
+
+class _GuardedServer(web.Server):
+    def __init__(self, *args: Any, guards: ConnectionGuards, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guards = guards
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, guards=self.guards, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner whose server speaks through `GuardedRequestHandler`."""
+
+    __slots__ = ("guards",)
+
+    def __init__(self, app: web.Application, *, guards: ConnectionGuards, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guards = guards
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # starts the app and collects aiohttp's handler arguments
+        return _GuardedServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            guards=self.guards,
+            **server._kwargs,
+        )
+
+
+class GuardsCollector(Collector):
+    """Connections the guards closed, by reason, read at scrape time."""
+
+    def __init__(self, guards: ConnectionGuards) -> None:
+        self.guards = guards
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        closed = CounterMetricFamily("gatekeeper_connections_closed",
+                                     "Client connections closed by the server's guards, by reason.", labels=["reason"])
+        for reason in ("header_timeout", "send_timeout"):
+            closed.add_metric([reason], self.guards.closed[reason])
+        yield closed
