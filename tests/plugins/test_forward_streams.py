@@ -158,3 +158,23 @@ async def test_stall_mid_stream_breaks_the_client_stream_at_read_timeout(gateway
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
             assert time.monotonic() - started < 1.5
+
+
+async def test_client_disconnect_while_waiting_for_headers_closes_the_upstream_connection(watched_kit):
+    kit, upstream = watched_kit
+    ends = FlowEnds()
+    gateway = await kit.start(plugins=[ends])
+    upstream.inject(path=GENERATIONS, status=200, delay_s=1.5)  # the upstream thinks for 1.5 s
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(session.post(gateway.base_url + "/images/generations", headers=AUTH,
+                                                   json={"model": "gpt-image-1.5", "prompt": "never mind"}))
+        await asyncio.sleep(0.3)
+        request.cancel()  # the client gives up before any header arrived
+        hung_up = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await asyncio.wait_for(ends.changed.wait(), 1)
+    assert ends.errors == [(Outcome.CLIENT_ABORT, pytest.approx(hung_up, abs=0.3))]
+    await asyncio.wait_for(upstream.ended.wait(), 3)
+    [end] = upstream.ends
+    assert end.connection_closed  # when the upstream finally answered, the gateway had hung up on it
