@@ -33,6 +33,8 @@ __all__ = [
 # installed as gatekeeper_plugins.<name>).
 BUILTIN_PLUGINS = {
     "auth": "gatekeeper_plugins.auth",
+    "normalize": "gatekeeper_plugins.normalize",
+    "cache": "gatekeeper_plugins.cache",
     "forward": "gatekeeper_plugins.forward",
     "metering": "gatekeeper_plugins.metering",
     "audit": "gatekeeper_plugins.audit",

@@ -30,6 +30,7 @@ def demo_config(upstream_url: str, upstream_key: str, host: str, port: int, work
             "admin_keys": [DEMO_ADMIN_KEY],
             "keys": [{"id": "demo-1", "key": DEMO_CLIENT_KEY, "tenant": "demo"}],
         },
+        "cache": {"backend": "memory", "max_bytes": 268435456},
         "audit": {"path": str(workdir / "audit" / "gatekeeper-audit.jsonl"), "fsync": "always"},
         "metering": {"database": f"sqlite:///{workdir.resolve()}/usage.db"},
     }

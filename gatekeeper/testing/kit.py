@@ -52,6 +52,7 @@ def base_config(upstream_url: str, workdir: Path) -> dict[str, Any]:
             "admin_keys": [ADMIN_KEY],
             "keys": [{"id": "test-1", "key": CLIENT_KEY, "tenant": "test", "department": "qa"}],
         },
+        "cache": {"backend": "memory"},
         "audit": {"path": str(workdir / "audit" / "gatekeeper-audit.jsonl"), "fsync": "always"},
         "metering": {"database": f"sqlite:///{workdir}/usage.db"},
     }
