@@ -1,0 +1,251 @@
+"""The cache backends: the bounded LRU, the Redis encoding, and failing open when Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import pytest
+import redis.asyncio as redis
+from cache_support import GENERATIONS, REDIS_URL, RedisServer, delete_prefix, free_port, own_redis, post, unique_prefix  # noqa: F401
+from structlog.testing import capture_logs
+
+from gatekeeper_plugins.cache_backends import Entry, LRUMemoryCache, RedisStore, entry_size
+
+BASE = {"model": "gpt-image-1.5", "prompt": "a quiet harbour", "quality": "low"}
+
+
+def entry(body: bytes) -> Entry:
+    return Entry(status=200, headers=[("content-type", "application/json")], body=body, created=time.time())
+
+
+def cache_plugin(gateway):
+    return gateway.gateway.plugins.hooks.pm.get_plugin("cache")
+
+
+# ---------------------------------------------------------------- the LRU memory backend
+
+
+async def test_the_memory_backend_stays_within_max_bytes_while_ten_times_that_is_inserted():
+    cache = LRUMemoryCache(max_bytes=100_000, max_entry_bytes=20_000)
+    inserted = 0
+    index = 0
+    while inserted < 1_000_000:
+        value = entry(bytes(1000 + index % 5000))
+        await cache.set(f"k{index}", value)
+        inserted += entry_size(value)
+        index += 1
+        assert cache.bytes <= 100_000
+    assert cache.evictions > 0
+    assert cache.bytes == sum([entry_size(await cache.get(key)) for key in list(cache._items)])
+
+
+async def test_the_least_recently_used_entry_is_evicted_first():
+    cache = LRUMemoryCache(max_bytes=3 * entry_size(entry(bytes(100))), max_entry_bytes=10_000)
+    for key in ("a", "b", "c"):
+        await cache.set(key, entry(bytes(100)))
+    await cache.get("a")  # "b" is now the least recently used
+    await cache.set("d", entry(bytes(100)))
+    assert await cache.get("b") is None
+    assert all([await cache.get("a"), await cache.get("c"), await cache.get("d")])
+
+
+async def test_an_entry_larger_than_max_entry_bytes_is_never_stored():
+    cache = LRUMemoryCache(max_bytes=1_000_000, max_entry_bytes=2_000)
+    assert await cache.set("big", entry(bytes(5_000))) is False
+    assert await cache.get("big") is None and cache.bytes == 0
+
+
+async def test_memory_entries_expire_after_their_ttl():
+    cache = LRUMemoryCache(max_bytes=1_000_000, max_entry_bytes=10_000)
+    await cache.set("short", entry(b"x"), ttl=0.05)
+    assert await cache.get("short") is not None
+    await asyncio.sleep(0.08)
+    assert await cache.get("short") is None and cache.bytes == 0
+
+
+async def test_memory_backend_keeps_the_entry_object_itself():
+    cache = LRUMemoryCache(max_bytes=1_000_000, max_entry_bytes=10_000)
+    stored = entry(b"body")
+    await cache.set("k", stored)
+    assert await cache.get("k") is stored
+
+
+async def test_clearing_a_prefix_counts_what_it_removed():
+    cache = LRUMemoryCache(max_bytes=1_000_000, max_entry_bytes=10_000)
+    for key in ("ta:1", "ta:2", "tb:1"):
+        await cache.set(key, entry(b"x"))
+    assert await cache.clear(namespace="ta:") == 2
+    assert await cache.get("tb:1") is not None
+
+
+async def test_a_gateway_memory_cache_stays_within_max_bytes(gateway_kit):
+    gateway = await gateway_kit.start({"cache": {"backend": "memory", "max_bytes": 20_000}})
+    plugin = cache_plugin(gateway)
+    for index in range(40):
+        reply = await post(gateway, GENERATIONS, json={**BASE, "prompt": f"harbour number {index}"})
+        assert reply.status == 200
+        assert plugin.store.cache.bytes <= 20_000
+    stats = plugin.snapshot()
+    assert stats["evictions"] > 0 and stats["stores"] == 40
+
+
+# ---------------------------------------------------------------- Redis encoding
+
+
+@pytest.fixture
+async def redis_prefix():
+    prefix = unique_prefix()
+    try:
+        yield prefix
+    finally:
+        await delete_prefix(prefix)
+
+
+async def test_redis_stores_the_body_as_raw_msgpack_bytes(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
+    body = bytes(range(256)) * 10
+    try:
+        assert await store.put("t:key", entry(body), 60)
+        raw = await store.client.get(redis_prefix + ":e:t:key")
+        loaded = await store.get("t:key")
+    finally:
+        await store.close()
+    assert body in raw  # a msgpack bin field: the bytes themselves, no base64
+    assert loaded == msgspec.msgpack.decode(raw, type=Entry) and loaded.body == body
+
+
+async def test_a_redis_value_of_another_format_is_a_miss(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
+    try:
+        await store.client.set(redis_prefix + ":e:t:key", b"not msgpack of an entry")
+        assert await store.get("t:key") is None
+    finally:
+        await store.close()
+
+
+async def test_the_redis_lock_is_taken_once_and_released_only_by_its_owner(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
+    try:
+        assert await store.try_lock("key", "mine", 5) is True
+        assert await store.try_lock("key", "theirs", 5) is False
+        await store.unlock("key", "theirs")
+        assert await store.peek("nothing", "key") == (False, True)
+        await store.unlock("key", "mine")
+        assert await store.peek("nothing", "key") == (False, False)
+    finally:
+        await store.close()
+
+
+# ---------------------------------------------------------------- Redis down
+
+
+async def test_the_gateway_starts_and_serves_misses_with_redis_down(gateway_kit, fake_upstream):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with capture_logs() as logs:
+        gateway = await gateway_kit.start({"cache": {"backend": "redis", "redis_url": dead, "redis_retry_s": 0}})
+        replies = []
+        for _ in range(5):
+            started = time.perf_counter()
+            replies.append(await post(gateway, GENERATIONS, json=BASE))
+            assert time.perf_counter() - started < 0.5
+    assert {(reply.status, reply.cache) for reply in replies} == {(200, "MISS")}
+    assert fake_upstream.count(GENERATIONS) == 5
+    warnings = [log for log in logs if log["event"].startswith("cache redis unavailable")]
+    assert len(warnings) == 1  # rate-limited: one line for many failures
+    assert cache_plugin(gateway).store.errors > 1
+
+
+async def timed(call) -> tuple[object, float]:
+    started = time.perf_counter()
+    result = await call
+    return result, time.perf_counter() - started
+
+
+async def test_a_refused_redis_call_fails_open_at_once(redis_prefix):
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", redis_prefix, 0.1, 0.0)
+    try:
+        for call, expected in ((store.get("t:key"), None), (store.put("t:key", entry(b"x"), 60), False),
+                               (store.try_lock("key", "token", 5), None)):
+            result, elapsed = await timed(call)
+            assert result == expected and elapsed < 0.1
+    finally:
+        await store.close()
+
+
+async def test_a_redis_that_never_answers_fails_open_within_about_100_ms(redis_prefix):
+    import socket
+
+    silent = socket.socket()  # accepts connections (kernel backlog) and never says a word
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    store = RedisStore(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", redis_prefix, 0.1, 0.0)
+    try:
+        result, elapsed = await timed(store.get("t:key"))
+        assert result is None and elapsed < 0.15
+        result, elapsed = await timed(store.put("t:key", entry(b"x"), 60))
+        assert result is False and elapsed < 0.15
+    finally:
+        await store.close()
+        silent.close()
+
+
+async def test_redis_is_left_alone_during_its_cool_down(redis_prefix):
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", redis_prefix, 0.1, 30.0)
+    try:
+        await store.get("t:key")
+        await store.get("t:key")
+        await store.get("t:key")
+    finally:
+        await store.close()
+    assert store.errors == 1
+
+
+async def test_ready_reports_redis_down_but_stays_ready(gateway_kit):
+    import aiohttp
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    gateway = await gateway_kit.start({"cache": {"backend": "redis", "redis_url": dead}})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/ready") as response:
+            body = await response.json()
+    assert body["plugins"]["cache"]["redis"] == "down" and body["plugins"]["cache"]["ready"] is True
+
+
+async def test_redis_killed_mid_test_serves_misses_then_recovers(gateway_kit, fake_upstream, own_redis):
+    await own_redis.start()
+    gateway = await gateway_kit.start({"cache": {"backend": "redis", "redis_url": own_redis.url,
+                                                 "key_prefix": "gk:kill", "redis_retry_s": 0.2}})
+    plugin = cache_plugin(gateway)
+
+    async def ask(prompt: str):
+        started = time.perf_counter()
+        reply = await post(gateway, GENERATIONS, json={**BASE, "prompt": prompt})
+        await asyncio.gather(*plugin._tasks)
+        return reply, time.perf_counter() - started
+
+    assert (await ask("before"))[0].cache == "MISS"
+    assert (await ask("before"))[0].cache == "HIT"
+
+    own_redis.kill()
+    for prompt in ("before", "during one", "during two", "during one"):
+        reply, elapsed = await ask(prompt)
+        assert (reply.status, reply.cache) == (200, "MISS")
+        assert elapsed < 0.5
+    assert plugin.store.up is False
+
+    await own_redis.start()  # same port, empty: the cache starts over
+    await asyncio.sleep(0.3)  # past the cool-down
+    assert (await ask("after"))[0].cache == "MISS"
+    assert (await ask("after"))[0].cache == "HIT"
+    assert plugin.store.up is True
+
+
+async def test_admin_purge_answers_503_when_redis_is_down(gateway_kit):
+    from cache_support import admin
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    gateway = await gateway_kit.start({"cache": {"backend": "redis", "redis_url": dead}})
+    reply = await admin(gateway, "DELETE", "/admin/cache")
+    assert reply.status == 503 and reply.json()["error"]["code"] == "cache_unavailable"
