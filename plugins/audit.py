@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -190,7 +189,7 @@ class Plugin:
                 asyncio.to_thread(request_facts, flow, self.log_prompts))
 
     @hookimpl
-    def wrap_response_stream(self, flow: Flow, chunks: AsyncIterator[bytes]) -> None:
+    def wrap_response_stream(self, flow: Flow) -> None:
         """Ask for the whole body of image responses whose image hashes are not known yet."""
         if (flow.route in IMAGE_ROUTES and 200 <= (flow.status or 0) < 300
                 and "output_image_sha256" not in flow.annotations):

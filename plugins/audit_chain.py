@@ -3,7 +3,8 @@
 A record is one line of canonical JSON (keys sorted, no whitespace, UTF-8) ending in ``\\n``.
 Each record carries ``seq`` (1, 2, 3 ... across rotated files), ``prev`` (the SHA-256 hex of the
 previous line's bytes, without its newline; `GENESIS` for the first) and, when a key is
-configured, ``mac``: HMAC-SHA256 of the canonical JSON of the record without ``mac``. Editing,
+configured, ``mac``: HMAC-SHA256 of the canonical JSON of the record without ``mac`` (the same
+bytes as the line with its ``"mac":"…",`` member cut out). Editing,
 deleting, inserting or reordering lines breaks ``seq`` or ``prev``; rewriting the whole chain
 needs the HMAC key, and cutting lines off the end shows against a checkpoint of the head.
 
@@ -30,6 +31,7 @@ __all__ = [
     "encode_canonical",
     "line_hash",
     "record_mac",
+    "mac_ok",
     "seal",
     "log_files",
     "iter_records",
@@ -56,6 +58,20 @@ def record_mac(key: bytes, record: dict[str, Any]) -> str:
     """HMAC-SHA256 of the canonical JSON of `record` without its ``mac`` field."""
     unsigned = {name: value for name, value in record.items() if name != "mac"}
     return hmac.new(key, encode_canonical(unsigned), hashlib.sha256).hexdigest()
+
+
+def mac_ok(key: bytes, line: bytes, record: dict[str, Any]) -> bool:
+    """Check a stored line's ``mac`` without re-encoding it: the signed bytes are the line with its
+    ``"mac":"…",`` member cut out (``mac`` is never the last key: ``prev`` and ``seq`` sort after it),
+    so number formatting can never make a verifier disagree with the writer."""
+    mac = record.get("mac")
+    if not isinstance(mac, str):
+        return False
+    member = b'"mac":"' + mac.encode() + b'",'
+    if member not in line:
+        return False
+    expected = hmac.new(key, line.replace(member, b"", 1), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(mac, expected)
 
 
 def seal(record: dict[str, Any], seq: int, prev: str, key: bytes | None) -> bytes:
@@ -203,9 +219,9 @@ def verify_files(
             return result.fail(expected - 1, f"record {expected - 1} was altered: its hash does not match "
                                              f"the prev recorded by seq {expected}")
         if key is not None:
-            mac = record.get("mac")
-            if not isinstance(mac, str) or not hmac.compare_digest(mac, record_mac(key, record)):
-                return result.fail(expected, "the mac does not match: the record was altered or signed with another key")
+            if not mac_ok(key, line, record):
+                return result.fail(expected, "the mac does not match: the record was altered "
+                                             "or signed with another key")
         elif "mac" in record:
             result.unsigned_macs += 1
         prev = line_hash(line)

@@ -98,20 +98,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     key = key_text.encode() if key_text else None
 
     checkpoints: list[Checkpoint] = []
-    sidecar = Path(args.checkpoint) if args.checkpoint else live.with_name(live.name + ".checkpoint")
+    sidecar = live.with_name(live.name + ".checkpoint")
+    files_given = [Path(f) for f in args.checkpoint]
+    if not files_given and sidecar.is_file() and not args.no_checkpoint:
+        files_given = [sidecar]
     local: Checkpoint | None = None
-    if not args.no_checkpoint and sidecar.is_file():
+    for checkpoint_file in files_given:
         try:
-            local = Checkpoint.decode(sidecar.read_bytes())
+            local = Checkpoint.decode(checkpoint_file.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"no such checkpoint file: {checkpoint_file}") from None
         except msgspec.DecodeError as error:
-            print(f"FAIL: checkpoint {sidecar} is unreadable: {error}")
+            print(f"FAIL: checkpoint {checkpoint_file} is unreadable: {error}")
             return 1
         if key is not None and not local.mac_ok(key):
-            print(f"FAIL: checkpoint {sidecar} is not signed with this key: it was altered or replaced")
+            print(f"FAIL: checkpoint {checkpoint_file} is not signed with this key: it was altered or replaced")
             return 1
         checkpoints.append(local)
-    elif args.checkpoint:
-        raise ConfigError(f"no such checkpoint file: {args.checkpoint}")
     if settings is not None and settings.checkpoint_dsn and not args.no_db:
         from gatekeeper_plugins.audit import log_name_for
         from gatekeeper_plugins.audit_pg import fetch_checkpoints
@@ -236,7 +239,9 @@ def add_audit_commands(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("paths", nargs="*", metavar="PATH",
                         help="log files, oldest first (default: every file of [audit] path)")
     add_config_argument(verify)
-    verify.add_argument("--checkpoint", help="checkpoint file (default: <last PATH>.checkpoint, if present)")
+    verify.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                        help="a checkpoint to check against, e.g. a copy anchored elsewhere; repeatable "
+                             "(default: <live log>.checkpoint, if present)")
     verify.add_argument("--no-checkpoint", action="store_true", help="ignore the checkpoint file")
     verify.add_argument("--no-db", action="store_true", help="ignore checkpoints stored in PostgreSQL")
     verify.add_argument("--log-name", help="the log's name in the checkpoint table (default: from the checkpoint file)")

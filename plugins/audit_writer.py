@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 
 from gatekeeper.logs import get_logger
-from gatekeeper_plugins.audit_chain import GENESIS, Checkpoint, line_hash, log_files, record_mac, seal
+from gatekeeper_plugins.audit_chain import GENESIS, Checkpoint, line_hash, log_files, mac_ok, seal
 from gatekeeper_plugins.audit_record import iso_time
 
 __all__ = ["AuditLog", "AuditUnavailable", "BATCH_WINDOW_S", "BATCH_MAX_RECORDS"]
@@ -280,8 +280,8 @@ class AuditLog:
                     entry.future.set_result(entry.record["seq"])
                 except concurrent.futures.InvalidStateError:
                     pass  # the waiter was cancelled (client gone); the record is written all the same
-        if self.checkpoint_every and (self.seq // self.checkpoint_every
-                                      > (self.last_checkpoint.seq if self.last_checkpoint else 0) // self.checkpoint_every):
+        checkpointed = self.last_checkpoint.seq if self.last_checkpoint else 0
+        if self.seq // self.checkpoint_every > checkpointed // self.checkpoint_every:
             self._write_checkpoint()
 
     def _outage_record(self) -> dict[str, Any]:
@@ -445,7 +445,7 @@ class AuditLog:
         self.head = line_hash(tail.last)
         if tail.before is not None and last["prev"] != line_hash(tail.before):
             self.tail_ok = False
-        if self.key is not None and last.get("mac") != record_mac(self.key, last):
+        if self.key is not None and not mac_ok(self.key, tail.last, last):
             self.tail_ok = False
         if not self.tail_ok:
             log.error("audit log tail does not verify: run `gatekeeper audit verify`", path=str(self.path),

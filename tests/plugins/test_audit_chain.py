@@ -7,6 +7,7 @@ crash would, then checked with the real command line (`gatekeeper.cli.main`).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import msgspec
 import pytest
 
 from gatekeeper.cli import main
-from gatekeeper_plugins.audit_chain import GENESIS, Checkpoint, encode_canonical, line_hash, record_mac
+from gatekeeper_plugins.audit_chain import GENESIS, Checkpoint, encode_canonical, line_hash
 from gatekeeper_plugins.audit_writer import AuditLog
 
 KEY = b"audit-test-key-0123456789abcdef"
@@ -156,11 +157,29 @@ def test_verify_detects_a_last_line_cut_short(log_path, capsys):
 # ------------------------------------------------------------------ HMAC
 
 
-def test_records_carry_a_mac_of_the_record_without_mac_when_a_key_is_set(log_path):
+def test_records_carry_a_mac_of_the_line_without_its_mac_member_when_a_key_is_set(log_path):
     write_log(log_path, 2, key=KEY)
-    record = json.loads(lines_of(log_path)[0])
-    assert record["mac"] == record_mac(KEY, record)
-    assert len(record["mac"]) == 64
+    line = lines_of(log_path)[0].rstrip(b"\n")
+    record = json.loads(line)
+    unsigned = line.replace(b'"mac":"' + record["mac"].encode() + b'",', b"")
+    assert record["mac"] == hmac.new(KEY, unsigned, hashlib.sha256).hexdigest()
+    assert unsigned == encode_canonical({name: value for name, value in record.items() if name != "mac"})
+
+
+def test_the_verification_recipe_in_the_docs_checks_a_signed_log(log_path, capsys):
+    write_log(log_path, 5, key=KEY)
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text()
+    recipe = docs.split("## Verifying without gatekeeper", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assignment = 'path, key = "audit/gatekeeper-audit.jsonl", b"the hmac_key"'
+    assert assignment in recipe
+    exec(recipe.replace(assignment, f"path, key = {str(log_path)!r}, {KEY!r}"), {})
+    head = line_hash(lines_of(log_path)[-1].rstrip(b"\n"))
+    assert capsys.readouterr().out == f"OK, head {head}\n"
+    tampered = lines_of(log_path)
+    tampered[2] = tampered[2].replace(b"acme", b"acmf")
+    log_path.write_bytes(b"".join(tampered))
+    with pytest.raises(AssertionError, match="seq 3: bad mac"):
+        exec(recipe.replace(assignment, f"path, key = {str(log_path)!r}, {KEY!r}"), {})
 
 
 def test_a_rechained_forgery_fails_the_mac_check(log_path, capsys):
@@ -296,3 +315,19 @@ def test_checkpoint_file_round_trips_through_its_canonical_encoding():
     assert Checkpoint.decode(checkpoint.encode()) == checkpoint
     assert checkpoint.mac_ok(KEY)
     assert not msgspec.structs.replace(checkpoint, seq=4).mac_ok(KEY)
+
+
+def test_verify_checks_a_copy_of_the_checkpoint_anchored_elsewhere(log_path, tmp_path, capsys):
+    write_log(log_path, 10)
+    sidecar = log_path.with_name(log_path.name + ".checkpoint")
+    anchored = tmp_path / "worm" / "checkpoint-seq10.json"
+    anchored.parent.mkdir()
+    anchored.write_bytes(sidecar.read_bytes())
+    lines = lines_of(log_path)[:7]
+    log_path.write_bytes(b"".join(lines))
+    sidecar.write_bytes(Checkpoint(seq=7, hash=line_hash(lines[-1].rstrip(b"\n"))).encode())
+    code, out = verify(capsys, str(log_path))
+    assert code == 0, "the rewritten local checkpoint matches the cut log"
+    code, out = verify(capsys, "--checkpoint", str(anchored), str(log_path))
+    assert code == 1
+    assert "FAIL at seq 8: truncated tail: a checkpoint records seq 10" in out

@@ -174,6 +174,19 @@ async def test_a_multipart_edit_records_the_hash_of_every_input_image_and_the_ma
     assert len(record["output_image_sha256"]) == 1
 
 
+@pytest.mark.parametrize("blocked", [[], ["normalize"]], ids=["hashes-from-normalize", "hashed-by-audit"])
+async def test_a_large_edit_records_the_same_input_hashes_with_or_without_normalize(gateway_kit, audit_path, blocked):
+    big = png_bytes("big") + bytes(range(256)) * 1200  # over 300 KB: hashed off the event loop
+    mask = png_bytes("mask")
+    gateway = await gateway_kit.start({"plugins": {"blocked": blocked}})
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
+        raw = await client.images.with_raw_response.edit(
+            model="gpt-image-1.5", prompt="bigger", image=("big.png", big, "image/png"),
+            mask=("m.png", mask, "image/png"))
+    record = record_of(audit_path, raw.headers["x-gatekeeper-request-id"])
+    assert record["input_image_sha256"] == [sha(big), sha(mask)]
+
+
 async def test_a_json_edit_records_hashes_of_its_image_references(gateway, audit_path):
     image = png_bytes("by-url")
     data_url = "data:image/png;base64," + base64.b64encode(image).decode()
@@ -244,7 +257,8 @@ async def test_a_client_that_goes_away_is_recorded_as_client_abort(gateway, fake
     fake_upstream.inject(path="/v1/images/generations", status=200, delay_s=2.0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
         with pytest.raises(asyncio.TimeoutError):
-            await session.post(gateway.base_url + "/images/generations", headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            await session.post(gateway.base_url + "/images/generations",
+                               headers={"Authorization": f"Bearer {CLIENT_KEY}"},
                                json={"model": "gpt-image-1.5", "prompt": "never mind"})
     records = await eventually(lambda: audit_path.exists() and read_records(audit_path))
     assert [(r["outcome"], r["error"]) for r in records] == [("client_abort", "ConnectionResetError")]
