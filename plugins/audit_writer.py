@@ -81,6 +81,21 @@ def _as_record(line: bytes) -> dict[str, Any] | None:
     return None
 
 
+def _seal_or_explain(record: dict[str, Any], seq: int, prev: str, key: bytes | None) -> bytes:
+    """Seal `record`; one that can't be encoded (a plugin put an odd value on the flow) is replaced
+    by a record saying so, rather than stalling the chain or vanishing."""
+    try:
+        return seal(record, seq, prev, key)
+    except (TypeError, ValueError, msgspec.EncodeError) as error:
+        log.error("audit record could not be encoded", request_id=record.get("request_id"), error=repr(error))
+        stand_in = {"type": record.get("type", "request"), "request_id": record.get("request_id"),
+                    "time_start": record.get("time_start"), "time_end": record.get("time_end"),
+                    "error": f"audit record could not be encoded: {error!r}"[:500]}
+        record.clear()
+        record.update(stand_in)
+        return seal(record, seq, prev, key)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -220,7 +235,11 @@ class AuditLog:
                 batch = self._next_batch()
             if batch is None:
                 return
-            self._flush(batch)
+            try:
+                self._flush(batch)
+            except Exception as error:  # a bug must not kill the writer and leave waiters hanging
+                log.exception("audit writer failed unexpectedly")
+                self._fail(OSError(errno.EIO, f"audit writer error: {error!r}"))
 
     def _next_batch(self) -> list[_Entry] | None:
         """Wait (holding the condition) until there is something to write; None means stop."""
@@ -253,7 +272,7 @@ class AuditLog:
         lines = []
         for record in records:
             seq += 1
-            line = seal(record, seq, prev, self.key)
+            line = _seal_or_explain(record, seq, prev, self.key)
             prev = line_hash(line)
             lines.append(line)
         data = b"\n".join(lines) + b"\n"
@@ -261,7 +280,7 @@ class AuditLog:
             self._prepare_file()
             self._append(data)
         except OSError as error:
-            self._fail(batch, error)
+            self._fail(error)
             return
         self.seq, self.head = seq, prev
         self._size += len(data)
@@ -294,7 +313,7 @@ class AuditLog:
             "dropped": self._dropped_in_outage,
         }
 
-    def _fail(self, batch: list[_Entry], error: OSError) -> None:
+    def _fail(self, error: OSError) -> None:
         described = _describe(error)
         try:
             if self._fd is not None:
@@ -312,10 +331,11 @@ class AuditLog:
             self._failed_attempts += 1
             self._retry_at = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
-            for entry in batch:
-                if not entry.retain:
-                    self._pending.remove(entry)
-        for entry in batch:
+            # Every waiter learns now, not at the next attempt: records that may not wait (their
+            # request fails in their place) leave the queue, the others stay for the retry.
+            waiting = list(self._pending)
+            self._pending = deque(entry for entry in waiting if entry.retain)
+        for entry in waiting:
             if entry.future is not None and not entry.future.done():
                 try:
                     entry.future.set_exception(AuditUnavailable(described))

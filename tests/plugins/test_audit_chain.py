@@ -331,3 +331,16 @@ def test_verify_checks_a_copy_of_the_checkpoint_anchored_elsewhere(log_path, tmp
     code, out = verify(capsys, "--checkpoint", str(anchored), str(log_path))
     assert code == 1
     assert "FAIL at seq 8: truncated tail: a checkpoint records seq 10" in out
+
+
+def test_a_record_that_cannot_be_encoded_is_replaced_by_one_that_says_so(log_path, capsys):
+    audit_log = AuditLog(log_path)
+    audit_log.open()
+    audit_log.submit({"type": "request", "request_id": "odd", "usage": {"tokens": object()}}).result(timeout=5)
+    audit_log.submit({"type": "request", "request_id": "next"}).result(timeout=5)
+    audit_log.close()
+    records = [json.loads(line) for line in lines_of(log_path)]
+    assert records[0]["request_id"] == "odd"
+    assert records[0]["error"].startswith("audit record could not be encoded")
+    assert records[1]["request_id"] == "next"
+    assert verify(capsys, str(log_path))[0] == 0

@@ -293,6 +293,20 @@ async def test_log_prompts_keeps_the_prompt_text(gateway_kit, audit_path):
     assert record["prompt_sha256"] == sha("café at dawn".encode())
 
 
+async def test_log_prompts_can_be_turned_on_by_a_config_reload(gateway, sdk, fake_upstream, audit_path, tmp_path):
+    from gatekeeper.config import parse_config
+    from gatekeeper.testing.kit import base_config, deep_merge
+
+    await sdk.images.generate(model="gpt-image-1.5", prompt="before the reload")
+    reloaded = deep_merge(base_config(fake_upstream.base_url, tmp_path), {"audit": {"log_prompts": True}})
+    fresh = parse_config(reloaded, path=str(tmp_path / "test-config.toml"))
+    await gateway.gateway.hooks.call_all("reload_config", gateway=gateway.gateway, config=fresh)
+    await sdk.images.generate(model="gpt-image-1.5", prompt="after the reload")
+    first, second = read_records(audit_path)
+    assert "prompt" not in first
+    assert second["prompt"] == "after the reload"
+
+
 # ------------------------------------------------------------------ images: find-image and C2PA
 
 
