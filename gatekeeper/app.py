@@ -349,7 +349,7 @@ class Gateway:
                     await self._write(stream, flow, held)
                 flow.outcome = Outcome.TRUNCATED
                 await self._end_with_error(flow, error)
-                _abort(request)
+                await _abort(request)
                 return stream
             if collected is not None:
                 collected.append(chunk)
@@ -362,7 +362,7 @@ class Gateway:
             flow.response_body = collected[0] if len(collected) == 1 else b"".join(collected)
         failure = await self._complete(flow)
         if failure is not None:
-            _abort(request)  # headers are gone: the only honest signal left is a broken stream
+            await _abort(request)  # headers are gone: the only honest signal left is a broken stream
             return stream
         if held is not None:
             await self._write(stream, flow, held)
@@ -400,10 +400,19 @@ class Gateway:
         )
 
 
-def _abort(request: web.Request) -> None:
+async def _abort(request: web.Request, flush_wait_s: float = 1.0) -> None:
+    """End the client's connection without the final chunk, so its SDK raises.
+
+    What was already written is flushed first (bounded), so the client keeps every event it was
+    sent; only then is the socket closed, before aiohttp could write a clean end.
+    """
     transport = request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    deadline = time.monotonic() + flush_wait_s
+    while transport.get_write_buffer_size() and not transport.is_closing() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    transport.abort()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -85,7 +85,7 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout_s: PositiveFloat = 10.0
     read_timeout_s: PositiveFloat = 600.0  # longest silence: before the headers or between body chunks
     total_timeout_s: PositiveFloat = 900.0  # the whole upstream exchange, retries and body included
-    buffer_response_bytes: NonNegativeInt = 64 * 1024 * 1024  # JSON answers up to this are read whole (0: stream them)
+    buffer_response_bytes: NonNegativeInt = 0  # JSON answers up to this are read whole first (0: stream them)
     retry_after_send: bool = False  # re-send POSTs whose request may have reached the upstream (bills twice)
     retry_backoff_s: NonNegativeFloat = 0.5  # first retry waits up to this (full jitter), doubling each time
     retry_max_delay_s: NonNegativeFloat = 8.0  # cap on one wait, and on a retry-after the gateway honours

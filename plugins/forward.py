@@ -257,11 +257,11 @@ class Plugin:
 
     async def to_gateway_response(self, flow: Flow, response: aiohttp.ClientResponse,
                                   upstream: Upstream) -> GatewayResponse:
-        """Wrap the upstream's answer: JSON is read whole first (up to a limit); SSE streams through.
+        """Wrap the upstream's answer: small bodies are read whole, large ones and SSE stream through.
 
-        A JSON body is of no use to a client until its last byte, so reading it whole costs the
-        client nothing, and a break part-way then still ends in a clean error (which the forwarder
-        may retry, and which tells the SDK not to resend) instead of a cut the SDK would retry.
+        Large JSON bodies (1-50 MB of base64) stream as they arrive unless `buffer_response_bytes`
+        asks for them to be read whole first: then a break part-way still ends in a clean error
+        that tells the SDK not to resend, instead of a cut the SDK would retry (and pay for twice).
         """
         headers = strip_headers(response.headers, DROP_RESPONSE)
         flow.upstream_request_id = response.headers.get("x-request-id")
@@ -269,12 +269,12 @@ class Plugin:
         flow.openai_project = response.headers.get("openai-project")
         media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         length = response.content_length
-        if media_type.endswith("json"):
-            limit = upstream.config.buffer_response_bytes
-        elif media_type != "text/event-stream" and length is not None and length <= SMALL_BODY_BYTES:
-            limit = SMALL_BODY_BYTES  # small enough for one write (audio and the like stream otherwise)
-        else:
-            limit = 0
+        limit = 0
+        if media_type != "text/event-stream":
+            if length is not None and length <= SMALL_BODY_BYTES:
+                limit = SMALL_BODY_BYTES  # small enough for one write
+            if media_type.endswith("json"):
+                limit = max(limit, upstream.config.buffer_response_bytes)
         if not limit or (length is not None and length > limit):
             return GatewayResponse(response.status, headers, chunks=_body_chunks(response, upstream),
                                    release=response.close)

@@ -252,14 +252,25 @@ async def big_json_upstream():
         await runner.cleanup()
 
 
-async def test_large_json_cut_part_way_is_a_clean_502_the_sdk_does_not_resend(gateway_kit, big_json_upstream):
+async def test_with_buffer_response_bytes_a_large_json_cut_part_way_is_a_clean_502_the_sdk_does_not_resend(
+        gateway_kit, big_json_upstream):
     big_json_upstream["cut"] = True
-    gateway = await gateway_kit.start({"upstream": {**RETRIES["upstream"], "base_url": big_json_upstream["base_url"]}})
+    gateway = await gateway_kit.start({"upstream": {**RETRIES["upstream"], "base_url": big_json_upstream["base_url"],
+                                                    "buffer_response_bytes": 64 * 1024 * 1024}})
     async with sdk(gateway, max_retries=2) as client:
         with pytest.raises(openai.InternalServerError) as raised:
             await client.images.generate(model="gpt-image-1.5", prompt="big and broken")
     assert raised.value.status_code == 502 and raised.value.code == "upstream_disconnected"
     assert big_json_upstream["calls"] == 1  # neither the gateway nor the SDK sent it twice
+
+
+async def test_by_default_a_large_json_cut_part_way_reaches_the_client_broken(gateway_kit, big_json_upstream):
+    big_json_upstream["cut"] = True
+    gateway = await gateway_kit.start({"upstream": {**RETRIES["upstream"], "base_url": big_json_upstream["base_url"]}})
+    async with sdk(gateway, max_retries=0) as client:
+        with pytest.raises(openai.APIConnectionError):
+            await client.images.generate(model="gpt-image-1.5", prompt="big and broken, streamed")
+    assert big_json_upstream["calls"] == 1  # the gateway never re-sends a generation that was cut
 
 
 async def test_large_json_reaches_the_client_whole(gateway_kit, big_json_upstream):
