@@ -179,6 +179,10 @@ def parse_config(raw: dict[str, Any], path: str = "<memory>", environ: dict[str,
     """Validate an already-parsed TOML document (env interpolation included)."""
     raw = _interpolate(raw, "", path, os.environ if environ is None else environ)
     core = {k: v for k, v in raw.items() if k in CORE_SECTIONS}
+    if isinstance(core.get("upstreams"), dict):
+        # Decoded one by one so an error names the upstream ([upstreams.relay.api_key], not [upstreams[...]]).
+        for name, section in core["upstreams"].items():
+            decode_section(section, UpstreamConfig, f"upstreams.{name}", path)
     try:
         decoded = msgspec.convert(core, _CoreConfig, strict=True)
     except msgspec.ValidationError as error:

@@ -91,3 +91,9 @@ def test_the_shipped_config_toml_is_valid(monkeypatch, capsys):
     monkeypatch.setenv("GATEKEEPER_ADMIN_KEY", "sk-admin-shipped-config-test")
     monkeypatch.setenv("GATEKEEPER_AUDIT_KEY", "audit-key-shipped-config-test")
     assert main(["check-config", "--config", "config.toml"]) == 0
+
+
+def test_an_error_in_a_named_upstream_names_that_upstream(tmp_path):
+    path = write(tmp_path, '[upstreams.relay]\nbase_url = "http://relay/v1"\nmax_retrys = 3\n')
+    with pytest.raises(ConfigError, match=r"\[upstreams\.relay\.max_retrys\]"):
+        load_config(path)
