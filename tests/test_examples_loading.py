@@ -12,6 +12,8 @@ import openai
 import pytest
 
 from gatekeeper.cli import main
+from gatekeeper.config import ConfigError
+from gatekeeper.testing.fake_upstream import FakeUpstream
 from gatekeeper.testing.kit import CLIENT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,14 +57,12 @@ async def test_a_folder_path_loads_every_plugin_file_in_it(gateway_kit, tmp_path
 
 
 async def test_an_examples_section_without_the_example_loaded_is_an_error(gateway_kit):
-    from gatekeeper.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"unknown section \[prompt_policy\]"):
         await gateway_kit.start({"prompt_policy": {"words": ["acme"]}})
 
 
 async def test_the_three_examples_work_together_in_one_gateway(gateway_kit, fake_upstream, importable_examples):
-    async with __import__("gatekeeper.testing.fake_upstream", fromlist=["FakeUpstream"]).FakeUpstream() as own:
+    async with FakeUpstream() as own:
         running = await gateway_kit.start({
             "plugins": {"modules": MODULES},
             "upstreams": {"own": {"base_url": own.base_url, "models": [], "priority": -1, "max_retries": 0}},
@@ -139,3 +139,10 @@ def test_check_config_describes_what_each_example_will_do(tmp_path, capsys, impo
     assert "house-style prefixes for 1 tenant(s)" in report
     assert "refuses image prompts matching 2 rule(s)" in report
     assert "routes no tenants" in report
+
+
+async def test_a_misspelt_hook_is_an_error_at_start_up(gateway_kit, tmp_path):
+    plugin = tmp_path / "typo.py"
+    plugin.write_text("from gatekeeper import hookimpl\n\n@hookimpl\ndef check_requests(flow):\n    pass\n")
+    with pytest.raises(ConfigError, match="check_requests"):
+        await gateway_kit.start({"plugins": {"paths": [str(plugin)]}})

@@ -17,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 
+from gatekeeper.config import ConfigError
 from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +157,9 @@ def test_the_test_kit_example_passes_as_printed(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+async def test_a_range_constraint_in_the_tutorial_struct_names_the_key(tutorial, gateway_kit, monkeypatch):
+    monkeypatch.syspath_prepend(str(tutorial["site"]))
+    with pytest.raises(ConfigError, match=r"\[max_images\.limit\] Expected `int` <= 10"):
+        await gateway_kit.start({"max_images": {"limit": 11}})
