@@ -6,12 +6,12 @@ manual ``docker build`` / ``docker compose config`` check."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,10 +24,10 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
+from gateway_processes import free_port
 from gatekeeper import hookimpl
 from gatekeeper.config import ConfigError, load_config
 from gatekeeper.plugins import build_hooks
-from gatekeeper.testing.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINER_CONFIG = ROOT / "deploy" / "gatekeeper.toml"
@@ -152,8 +152,6 @@ def health(*args: str) -> int:
 
 
 async def test_the_health_script_passes_on_a_healthy_gateway_and_fails_on_none(gateway_kit):
-    import asyncio
-
     running = await gateway_kit.start()
     port = running.url.rsplit(":", 1)[1]
     assert await asyncio.to_thread(health, "--port", port) == 0
@@ -163,8 +161,6 @@ async def test_the_health_script_passes_on_a_healthy_gateway_and_fails_on_none(g
 
 
 async def test_the_health_script_fails_readiness_when_a_plugin_is_not_ready(gateway_kit):
-    import asyncio
-
     class NotReady:
         @hookimpl
         def ready_check(self, gateway):
@@ -177,8 +173,6 @@ async def test_the_health_script_fails_readiness_when_a_plugin_is_not_ready(gate
 
 
 async def test_the_health_script_reaches_a_socket_named_by_the_environment(gateway_kit, tmp_path):
-    import asyncio
-
     path = str(tmp_path / "gk.sock")
     await gateway_kit.start({"server": {"unix_socket": path}})
     result = await asyncio.to_thread(
@@ -373,12 +367,6 @@ def test_the_sidecar_probes_work_against_a_real_sidecar_on_its_socket(tmp_path):
 # ---------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(condition, message: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -404,8 +392,6 @@ class FakeUpstreamProcess:
 
 
 def cleanup_shared_state(table: str, prefix: str) -> None:
-    import asyncio
-
     async def clean() -> None:
         connection = await asyncpg.connect(POSTGRES_DSN)
         try:

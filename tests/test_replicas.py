@@ -12,7 +12,6 @@ from pathlib import Path
 
 import asyncpg
 import openai
-import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
