@@ -13,6 +13,7 @@ import itertools
 import os
 import posixpath
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gatekeeper.access_log import AccessLog
 from gatekeeper.config import Config
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
@@ -33,7 +35,6 @@ from gatekeeper.plugins import PluginSet, build_hooks
 __all__ = ["Gateway", "GATEWAY", "PRINCIPAL", "make_app", "normalize_path"]
 
 log = get_logger("gatekeeper")
-access_log = get_logger("gatekeeper.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _encode_json = msgspec.json.Encoder().encode
@@ -88,6 +89,9 @@ class Gateway:
         self.admin_routes: dict[tuple[str, str], Handler] = {}
         self._max_body = config.server.max_body_bytes
         self._max_concurrency = config.server.max_concurrency
+        server = config.server
+        use_json = server.log_format == "json" or (server.log_format == "auto" and not sys.stderr.isatty())
+        self.access_log = AccessLog(json_lines=use_json) if server.access_log else None
         for secret in config.secrets():
             register_secret(secret)
 
@@ -101,6 +105,8 @@ class Gateway:
     async def stop(self, _app: web.Application | None = None) -> None:
         self.started = False
         await self.hooks.call_all("shutdown", gateway=self)
+        if self.access_log is not None:
+            self.access_log.flush()
 
     def mount_routes(self) -> None:
         for routes in self.hooks.call_sync("register_routes", gateway=self):
@@ -381,23 +387,22 @@ class Gateway:
         return True
 
     def _access_log(self, flow: Flow) -> None:
-        if not self.config.server.access_log:
+        if self.access_log is None:
             return
         principal = flow.principal
-        access_log.info(
-            "request",
-            request_id=flow.request_id,
-            method=flow.method,
-            path=flow.path,
-            status=flow.status,
-            ms=round(flow.elapsed_ms, 2),
-            tenant=principal.tenant if principal else None,
-            key_id=principal.key_id if principal else None,
-            model=flow.scratch.get("model"),
-            cache=flow.cache_status,
-            outcome=flow.outcome,
-            upstream_request_id=flow.upstream_request_id,
-        )
+        self.access_log.record({
+            "request_id": flow.request_id,
+            "method": flow.method,
+            "path": flow.path,
+            "status": flow.status,
+            "ms": round(flow.elapsed_ms, 2),
+            "tenant": principal.tenant if principal else None,
+            "key_id": principal.key_id if principal else None,
+            "model": flow.scratch.get("model"),
+            "cache": flow.cache_status,
+            "outcome": flow.outcome,
+            "upstream_request_id": flow.upstream_request_id,
+        })
 
 
 async def _abort(request: web.Request, flush_wait_s: float = 1.0) -> None:
