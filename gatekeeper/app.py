@@ -196,6 +196,8 @@ class Gateway:
 
     async def _read_body(self, request: web.Request) -> bytes:
         try:
+            if request.content.is_eof():  # the whole body came with the headers: no wait, no timer
+                return await request.read()
             async with asyncio.timeout(self.config.server.body_timeout_s):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
