@@ -38,6 +38,7 @@ from gatekeeper_plugins.metering_usage import (
     RequestFacts,
     SseUsageScanner,
     request_facts,
+    requested_model,
     summarize_json,
     tokens_from_usage,
 )
@@ -54,10 +55,11 @@ _NAME = "metering"
 class _FlowState:
     """What metering keeps on one flow (``flow.scratch["metering"]``)."""
 
-    __slots__ = ("facts", "reservation", "scanner")
+    __slots__ = ("facts", "model", "reservation", "scanner")
 
     def __init__(self) -> None:
         self.facts: RequestFacts | None = None
+        self.model: str | None = None
         self.reservation: Reservation | None = None
         self.scanner: SseUsageScanner | None = None
 
@@ -209,10 +211,19 @@ class Plugin:
         return state
 
     def _facts(self, flow: Flow) -> RequestFacts:
+        """Every priced request field (parses a multipart body): for estimates and per-image prices."""
         state = self._state(flow)
         if state.facts is None:
             state.facts = request_facts(flow)
         return state.facts
+
+    def _model(self, flow: Flow) -> str | None:
+        state = self._state(flow)
+        if state.facts is not None:
+            return state.facts.model
+        if state.model is None:
+            state.model = requested_model(flow)
+        return state.model
 
     @hookimpl
     def check_request(self, flow: Flow) -> None:
@@ -288,7 +299,7 @@ class Plugin:
         state.reservation = None
         if flow.principal is None and flow.outcome == Outcome.AUTH_FAIL:
             return
-        model = self._facts(flow).model
+        model = self._model(flow)
         measured = _Measured(model, None, None, 0, 0, False)
         if flow.outcome in (Outcome.TRUNCATED, Outcome.CLIENT_ABORT) and flow.attempts:
             # The upstream may have billed for work the client never got: count what was seen.
@@ -306,7 +317,7 @@ class Plugin:
 
     def _measure_hit(self, flow: Flow) -> _Measured:
         note = flow.annotations.get(_NAME) or {}
-        model = note.get("model") or self._facts(flow).model
+        model = note.get("model") or self._model(flow)
         tokens = tokens_from_usage(flow.usage, flow.route in IMAGE_ROUTES)
         full = self._exact_cost(flow, model, tokens, note.get("images"))
         if full is None:
@@ -315,7 +326,7 @@ class Plugin:
                          round_micros(full), False)
 
     def _measure_response(self, flow: Flow, state: _FlowState) -> _Measured:
-        model = self._facts(flow).model
+        model = self._model(flow)
         if (flow.status or 0) >= 300:
             return _Measured(model, None, None, 0, 0, False)  # OpenAI does not bill refused requests
         images: int | None = None
@@ -419,10 +430,11 @@ class Plugin:
         model = self._model_label(row.model)
         metrics.requests.labels(tenant, model, str(row.status or 0), (flow.cache_status or "none").lower()).inc()
         if upstream_tokens is not None:
-            for direction, kind, count in (("input", "text", upstream_tokens.text_input + upstream_tokens.text_cached),
-                                           ("input", "image", upstream_tokens.image_input + upstream_tokens.image_cached),
-                                           ("output", "text", upstream_tokens.text_output),
-                                           ("output", "image", upstream_tokens.image_output)):
+            counts = (("input", "text", upstream_tokens.text_input + upstream_tokens.text_cached),
+                      ("input", "image", upstream_tokens.image_input + upstream_tokens.image_cached),
+                      ("output", "text", upstream_tokens.text_output),
+                      ("output", "image", upstream_tokens.image_output))
+            for direction, kind, count in counts:
                 if count:
                     metrics.tokens.labels(tenant, model, direction, kind).inc(count)
         if row.cost_micros:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
-
 import msgspec
 
 __all__ = [
@@ -33,6 +31,7 @@ __all__ = [
 ]
 
 _ONE = Decimal(1)
+_MICRO = Decimal("0.000001")
 _SNAPSHOT_SUFFIX = re.compile(r"-\d{4}(-\d{2}-\d{2})?$")
 
 
@@ -168,7 +167,7 @@ def round_micros(exact: Decimal) -> int:
 
 def micros_to_usd(micros: int) -> Decimal:
     """Integer micro-dollars as an exact USD Decimal with six places (8719 -> 0.008719)."""
-    return Decimal(micros).scaleb(-6)
+    return Decimal(micros).scaleb(-6).quantize(_MICRO)
 
 
 def format_usd(micros: int) -> str:
@@ -251,7 +250,3 @@ class PriceBook:
         price = self.price(model)
         return price is not None and bool(price.per_image)
 
-
-def describe_price(price: ModelPrice) -> dict[str, Any]:
-    """A price as plain JSON-able values (Decimals as strings), for check-config and docs."""
-    return {k: (str(v) if isinstance(v, Decimal) else v) for k, v in msgspec.structs.asdict(price).items() if v is not None}

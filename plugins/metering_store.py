@@ -21,7 +21,6 @@ __all__ = [
     "ReportQuery",
     "UsageRow",
     "UsageStore",
-    "open_store",
     "store_for_url",
 ]
 
@@ -165,22 +164,26 @@ class SqliteStore:
             elif not Path(path).exists():
                 path = ":memory:"  # nothing recorded yet: report on an empty database, create no file
         self._db = await aiosqlite.connect(path, timeout=30.0)
-        await self._db.execute("PRAGMA busy_timeout = 30000")
+        statements = ["PRAGMA busy_timeout = 30000"]
         if create:
-            await self._db.execute("PRAGMA journal_mode = WAL")
-            await self._db.execute("PRAGMA synchronous = NORMAL")
-            await self._db.execute(f"""
-                CREATE TABLE IF NOT EXISTS {self.table} (
+            statements += [
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = NORMAL",
+                f"""CREATE TABLE IF NOT EXISTS {self.table} (
                     request_id TEXT PRIMARY KEY, ts TEXT NOT NULL, tenant TEXT, key_id TEXT, labels TEXT,
                     model TEXT, route TEXT, status INTEGER, outcome TEXT, cache_hit INTEGER NOT NULL,
                     stream INTEGER NOT NULL, unmetered INTEGER NOT NULL,
                     input_tokens INTEGER, output_tokens INTEGER, input_text_tokens INTEGER,
                     input_image_tokens INTEGER, input_cached_tokens INTEGER, output_text_tokens INTEGER,
                     output_image_tokens INTEGER, images INTEGER, cost_micros INTEGER,
-                    saved_micros INTEGER NOT NULL DEFAULT 0, upstream_request_id TEXT, latency_ms REAL)""")
-            await self._db.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_ts ON {self.table} (ts)")
-            await self._db.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_tenant_ts ON {self.table} (tenant, ts)")
-            await self._db.commit()
+                    saved_micros INTEGER NOT NULL DEFAULT 0, upstream_request_id TEXT, latency_ms REAL)""",
+                f"CREATE INDEX IF NOT EXISTS {self.table}_ts ON {self.table} (ts)",
+                f"CREATE INDEX IF NOT EXISTS {self.table}_tenant_ts ON {self.table} (tenant, ts)",
+            ]
+        for statement in statements:
+            # Close each cursor: an unfinished PRAGMA statement would hold a lock on the file.
+            await (await self._db.execute(statement)).close()
+        await self._db.commit()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -191,9 +194,14 @@ class SqliteStore:
         placeholders = ", ".join("?" for _ in COLUMNS)
         values = [_row_values(row, _utc_text(datetime.fromtimestamp(row.time, UTC)), _encode_json(row.labels).decode())
                   for row in rows]
-        await self._db.executemany(
-            f"INSERT OR IGNORE INTO {self.table} ({', '.join(COLUMNS)}) VALUES ({placeholders})", values)
-        await self._db.commit()
+        try:
+            cursor = await self._db.executemany(
+                f"INSERT OR IGNORE INTO {self.table} ({', '.join(COLUMNS)}) VALUES ({placeholders})", values)
+            await cursor.close()
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()  # never leave a failed batch's transaction holding the file
+            raise
 
     async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
         import sqlite3
@@ -270,7 +278,8 @@ class PostgresStore:
             self._pool = None
 
     async def insert(self, rows: list[UsageRow]) -> None:
-        placeholders = ", ".join(f"${i + 1}" + ("::jsonb" if name == "labels" else "") for i, name in enumerate(COLUMNS))
+        placeholders = ", ".join(f"${i + 1}::jsonb" if name == "labels" else f"${i + 1}"
+                                 for i, name in enumerate(COLUMNS))
         values = [_row_values(row, datetime.fromtimestamp(row.time, UTC), _encode_json(row.labels).decode())
                   for row in rows]
         async with self._pool.acquire() as connection:
@@ -324,7 +333,3 @@ def store_for_url(database: str, table: str, schema: str | None = None, pool_siz
         return PostgresStore(database, table, schema, pool_size)
     raise ValueError("database must start with sqlite:/// or postgresql://")
 
-
-async def open_store(store: UsageStore, create: bool = True) -> UsageStore:
-    await store.open(create)
-    return store

@@ -28,6 +28,7 @@ __all__ = [
     "add_usage",
     "default_image_model",
     "request_facts",
+    "requested_model",
     "summarize_json",
     "tokens_from_usage",
 ]
@@ -91,7 +92,9 @@ def tokens_from_usage(usage: dict[str, Any] | None, image_route: bool) -> Tokens
         image_out, text_out = output_total, 0
     else:
         text_out = out_details.text_tokens or 0
-        image_out = out_details.image_tokens if out_details.image_tokens is not None else max(output_total - text_out, 0)
+        image_out = out_details.image_tokens
+        if image_out is None:
+            image_out = max(output_total - text_out, 0)
     return Tokens(text_input=text_in, image_input=image_in, text_output=text_out, image_output=image_out)
 
 
@@ -193,6 +196,11 @@ class SseUsageScanner:
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = _MAX_UNTYPED_LINE
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of the current line held right now (never a skipped line's)."""
+        return self._size
 
     def feed(self, chunk: bytes) -> None:
         position, length = 0, len(chunk)
@@ -370,6 +378,24 @@ def request_facts(flow: Flow) -> RequestFacts:
         input_images=input_images,
         include_usage=isinstance(stream_options, dict) and stream_options.get("include_usage") is True,
     )
+
+
+def requested_model(flow: Flow) -> str | None:
+    """The model a request names, or the one an images request without `model` gets.
+
+    Cheaper than `request_facts`: `flow.model` is read once per flow (the forwarder needs it
+    too), and a multipart body is never parsed here.
+    """
+    model = flow.model
+    if model is None and flow.route in IMAGE_ROUTES:
+        fields: Any = {}
+        if flow.content_type != "multipart/form-data":
+            try:
+                fields = flow.json
+            except GatewayError:
+                fields = None
+        model = default_image_model(flow.route, fields if isinstance(fields, dict) else {})
+    return model
 
 
 def default_image_model(route: str, fields: dict[str, Any]) -> str:
