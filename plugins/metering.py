@@ -95,6 +95,7 @@ class Plugin:
         self.writer: BatchWriter | None = None
         self.metrics: MeteringMetrics | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._reload_task: asyncio.Task[None] | None = None  # held so the loop keeps a reference
         self._warned: dict[str, float] = {}
         self._take_settings(self.settings)
         self.ledger = BudgetLedger(self.settings.budgets, self.settings.key_budgets)
@@ -160,13 +161,10 @@ class Plugin:
         if any(getattr(settings, name) != getattr(self.settings, name) for name in fixed):
             log.warning("metering storage settings change only on restart", keys=", ".join(fixed))
         self._take_settings(settings)
-        ledger = BudgetLedger(settings.budgets, settings.key_budgets)
-        ledger.month, ledger.base, ledger.local, ledger.reserved = (
-            self.ledger.month, self.ledger.base, self.ledger.local, self.ledger.reserved)
-        self.ledger = ledger
+        self.ledger.set_limits(settings.budgets, settings.key_budgets)
         self.settings = msgspec.structs.replace(settings, **{name: getattr(self.settings, name) for name in fixed})
-        if ledger and self.writer is not None:  # new budgets start from the database's totals
-            asyncio.get_running_loop().create_task(ledger.refresh(self.store, self.writer))
+        if self.ledger and self.writer is not None:  # budgets new to this process start from the database's totals
+            self._reload_task = asyncio.get_running_loop().create_task(self.ledger.refresh(self.store, self.writer))
 
     @hookimpl
     def ready_check(self) -> dict[str, Any]:
@@ -426,9 +424,10 @@ class Plugin:
     def _observe_metrics(self, flow: Flow, row: UsageRow, upstream_tokens: Tokens | None) -> None:
         metrics = self.metrics
         assert metrics is not None
+        child = metrics.child
         tenant = row.tenant or "none"
         model = self._model_label(row.model)
-        metrics.requests.labels(tenant, model, str(row.status or 0), (flow.cache_status or "none").lower()).inc()
+        child(metrics.requests, tenant, model, str(row.status or 0), (flow.cache_status or "none").lower()).inc()
         if upstream_tokens is not None:
             counts = (("input", "text", upstream_tokens.text_input + upstream_tokens.text_cached),
                       ("input", "image", upstream_tokens.image_input + upstream_tokens.image_cached),
@@ -436,16 +435,16 @@ class Plugin:
                       ("output", "image", upstream_tokens.image_output))
             for direction, kind, count in counts:
                 if count:
-                    metrics.tokens.labels(tenant, model, direction, kind).inc(count)
+                    child(metrics.tokens, tenant, model, direction, kind).inc(count)
         if row.cost_micros:
-            metrics.cost.labels(tenant, model).inc(row.cost_micros)
+            child(metrics.cost, tenant, model).inc(row.cost_micros)
         if row.saved_micros:
-            metrics.saved.labels(tenant, model).inc(row.saved_micros)
+            child(metrics.saved, tenant, model).inc(row.saved_micros)
         latency = flow.upstream_latency_s
         if latency is not None and not row.cache_hit:
-            metrics.upstream_latency.labels(model).observe(latency)
+            child(metrics.upstream_latency, model).observe(latency)
             if not row.stream:
-                metrics.overhead.labels(flow.route).observe(max(flow.elapsed_ms / 1000 - latency, 0.0))
+                child(metrics.overhead, flow.route).observe(max(flow.elapsed_ms / 1000 - latency, 0.0))
 
 
 # ---------------------------------------------------------------- the `gatekeeper usage` command

@@ -9,6 +9,7 @@ replica has recorded since; months are UTC calendar months.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +46,12 @@ def month_start(now: datetime) -> datetime:
 
 def _month(now: datetime) -> str:
     return now.astimezone(UTC).strftime("%Y-%m")
+
+
+def _next_month_start(now: datetime) -> float:
+    start = month_start(now)
+    return (start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+            ).timestamp()
 
 
 def estimate_micros(route: str, facts: RequestFacts, prices: PriceBook, default_micros: int) -> int:
@@ -91,12 +98,19 @@ class BudgetLedger:
     """Spend and reservations against each budget, for this replica."""
 
     def __init__(self, tenant_budgets: dict[str, Budget], key_budgets: dict[str, Budget]) -> None:
-        self.limits: dict[_Scope, int] = {("tenant", t): b.micros for t, b in tenant_budgets.items()}
-        self.limits.update({("key", k): b.micros for k, b in key_budgets.items()})
+        self.limits: dict[_Scope, int] = {}
+        self.set_limits(tenant_budgets, key_budgets)
         self.month = _month(datetime.now(UTC))
+        self._month_ends = _next_month_start(datetime.now(UTC))
         self.base: dict[_Scope, int] = defaultdict(int)  # the database's month-to-date at the last refresh
         self.local: dict[_Scope, int] = defaultdict(int)  # recorded here since then
         self.reserved: dict[_Scope, int] = defaultdict(int)
+
+    def set_limits(self, tenant_budgets: dict[str, Budget], key_budgets: dict[str, Budget]) -> None:
+        """New budget amounts (on SIGHUP); spend and reservations carry over."""
+        limits = {("tenant", t): b.micros for t, b in tenant_budgets.items()}
+        limits.update({("key", k): b.micros for k, b in key_budgets.items()})
+        self.limits = limits
 
     def __bool__(self) -> bool:
         return bool(self.limits)
@@ -110,12 +124,17 @@ class BudgetLedger:
     def spent(self, scope: _Scope) -> int:
         return self.base.get(scope, 0) + self.local.get(scope, 0)
 
-    def _roll_month(self, now: datetime) -> None:
+    def _roll_month(self, now: datetime | None) -> None:
+        if now is None:
+            if time.time() < self._month_ends:  # the common case: no datetime built per request
+                return
+            now = datetime.now(UTC)
         month = _month(now)
         if month != self.month:
             self.month = month
             self.base.clear()
             self.local.clear()
+        self._month_ends = _next_month_start(now)
 
     def reserve(self, principal: Principal | None, estimate: int, now: datetime | None = None) -> Reservation | None:
         """Hold `estimate` against every budget of `principal`, or raise `OverBudget`.
@@ -126,7 +145,7 @@ class BudgetLedger:
         scopes = self.scopes_for(principal)
         if not scopes:
             return None
-        self._roll_month(now or datetime.now(UTC))
+        self._roll_month(now)
         for scope in scopes:
             committed = self.spent(scope) + self.reserved[scope]
             # An estimate of 0 (unpriced model) still may not start once the budget is used up.
@@ -174,3 +193,4 @@ class BudgetLedger:
                         if scope in self.limits:
                             local[scope] += row.cost_micros  # type: ignore[index]
             self.month, self.base, self.local = _month(now), base, local
+            self._month_ends = _next_month_start(now)

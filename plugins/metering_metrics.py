@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
@@ -60,3 +62,12 @@ class MeteringMetrics:
         self.in_flight = Gauge("gatekeeper_in_flight_requests", "Requests being served right now.", registry=registry)
         if gateway is not None:
             self.in_flight.set_function(lambda: gateway.in_flight)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: label lookups are the costly part of a metric update."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

@@ -125,3 +125,18 @@ async def test_a_cache_hit_is_served_on_a_spent_budget(usage_db, gateway_kit, fa
         response = await client.images.generate(model="gpt-image-1.5", prompt=PROMPT, quality="low", size="1024x1024")
     assert response.data[0].b64_json == "iVBORw0KGgo="
     assert fake_upstream.count() == 0
+
+
+def test_a_new_month_starts_from_zero_spend():
+    from decimal import Decimal
+
+    from gatekeeper.flow import Principal
+    from gatekeeper_plugins.metering_budgets import Budget, BudgetLedger, OverBudget
+
+    principal = Principal(key_id="key-design", tenant="design")
+    ledger = BudgetLedger({"design": Budget(monthly_usd=Decimal("0.00002"))}, {})  # 20 µ$
+    ledger.record("design", "key-design", 15)
+    next_month = (datetime.now(UTC).replace(day=28) + timedelta(days=4)).replace(day=1, hour=0, minute=0)
+    with pytest.raises(OverBudget):
+        ledger.reserve(principal, 10, now=next_month - timedelta(minutes=1))
+    assert ledger.reserve(principal, 10, now=next_month) is not None
