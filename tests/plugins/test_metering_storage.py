@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import openai
 import pytest
 
@@ -133,9 +135,6 @@ async def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 20.
 
 @pytest.fixture
 async def pg_table():
-    import asyncpg
-    import secrets
-
     table = "gk_metering_replicas_" + secrets.token_hex(6)
     yield table
     connection = await asyncpg.connect(PG_URL)
@@ -172,3 +171,24 @@ async def test_two_gateway_processes_writing_to_one_postgres_lose_no_rows(fake_u
     assert {tenant: sum(1 for row in rows if row["tenant"] == tenant) for tenant in ("design", "marketing")} == {
         "design": 60, "marketing": 60}
     assert sum(row["cost_micros"] for row in rows) == 120 * 8734
+
+
+async def test_a_postgres_schema_is_created_and_holds_the_table(fake_upstream, gateway_kit):
+    schema = "gk_metering_schema_" + secrets.token_hex(6)
+    try:
+        gateway = await gateway_kit.start(gateway_config({"database": PG_URL, "table": "usage", "schema": schema}))
+        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=DESIGN_KEY, max_retries=0) as client:
+            await generate(client)
+        gateway_kit.running.remove(gateway)
+        await gateway.stop()
+        connection = await asyncpg.connect(PG_URL)
+        try:
+            assert await connection.fetchval(f'SELECT cost_micros FROM "{schema}"."usage"') == 8734
+        finally:
+            await connection.close()
+    finally:
+        connection = await asyncpg.connect(PG_URL)
+        try:
+            await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await connection.close()
