@@ -277,15 +277,18 @@ class Plugin:
         state = self._state(flow)
         self.ledger.release(state.reservation)
         state.reservation = None
-        if flow.outcome == Outcome.CACHE_HIT:
-            measured = self._measure_hit(flow)
-        else:
-            measured = self._measure_response(flow, state)
-        if measured.cost_micros is not None:
-            flow.cost_usd = micros_to_usd(measured.cost_micros)
-        if flow.outcome == Outcome.CACHE_HIT:
-            flow.saved_usd = micros_to_usd(measured.saved_micros)
-        self._record(flow, measured)
+        try:
+            if flow.outcome == Outcome.CACHE_HIT:
+                measured = self._measure_hit(flow)
+            else:
+                measured = self._measure_response(flow, state)
+            if measured.cost_micros is not None:
+                flow.cost_usd = micros_to_usd(measured.cost_micros)
+            if flow.outcome == Outcome.CACHE_HIT:
+                flow.saved_usd = micros_to_usd(measured.saved_micros)
+            self._record(flow, measured)
+        except Exception:  # a metering bug must not stop audit and cache, which run after this hook
+            log.exception("metering failed to record a request", request_id=flow.request_id)
 
     @hookimpl
     def exchange_error(self, flow: Flow) -> None:

@@ -57,12 +57,12 @@ async def usage_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 def gateway_config(storage: dict[str, Any], *, cache: bool = False, **metering: Any) -> dict[str, Any]:
     """Overrides for `gateway_kit.start`: the test keys, and `[metering]` on `storage`.
 
-    The response cache is off unless asked for, so every request is a miss that reaches the upstream.
+    The response cache is off unless asked for, so every request is a miss that reaches the
+    upstream. The audit log is off: these tests are about metering alone (audit's own tests
+    check that it records the cost metering sets).
     """
-    config: dict[str, Any] = {"auth": AUTH, "metering": {**storage, **metering}}
-    if not cache:
-        config["plugins"] = {"blocked": ["cache"]}
-    return config
+    return {"auth": AUTH, "metering": {**storage, **metering},
+            "plugins": {"blocked": ["audit"] if cache else ["audit", "cache"]}}
 
 
 def metering_plugin(running: RunningGateway) -> Any:
