@@ -14,7 +14,15 @@ import openai
 import pytest
 
 from gatekeeper.testing.fake_upstream import png_bytes
-from metering_support import DESIGN_KEY, flush, gateway_config, only, usage_db, usage_rows  # noqa: F401
+from metering_support import (  # noqa: F401
+    DESIGN_KEY,
+    flush,
+    gateway_config,
+    metering_plugin,
+    only,
+    usage_db,
+    usage_rows,
+)
 
 PROMPT = "a red fox in the snow"  # 6 text tokens at the fake upstream
 SIZES = ("1024x1024", "1024x1536", "1536x1024")
@@ -212,3 +220,26 @@ async def test_the_flow_carries_usage_and_an_exact_decimal_cost_for_later_plugin
         await sdk.images.generate(model="gpt-image-1.5", prompt=PROMPT, quality="low", size="1024x1024")
     assert seen["usage"]["output_tokens"] == 272
     assert seen["cost"] == Decimal("0.008734") and isinstance(seen["cost"], Decimal)
+
+
+async def test_a_metering_failure_does_not_stop_the_hooks_after_it(usage_db, gateway_kit):
+    from gatekeeper import hookimpl
+
+    completed = []
+
+    class Observer:
+        name = "test-observer"
+
+        @hookimpl
+        def exchange_complete(self, flow):
+            completed.append(flow.status)
+
+    gateway = await gateway_kit.start(gateway_config(usage_db), plugins=[Observer()])
+
+    def exploding_price(*_args):
+        raise RuntimeError("the price table exploded")
+
+    metering_plugin(gateway).prices.token_cost = exploding_price
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=DESIGN_KEY, max_retries=0) as sdk:
+        response = await sdk.images.generate(model="gpt-image-1.5", prompt=PROMPT, quality="low", size="1024x1024")
+    assert response.data and completed == [200]
