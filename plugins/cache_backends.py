@@ -186,7 +186,7 @@ class MemoryStore:
         return await self.cache._get(key)
 
     async def put(self, key: str, entry: Entry, ttl_s: float) -> bool:
-        return bool(await self.cache.set(key, entry, ttl=ttl_s))
+        return bool(await self.cache._set(key, entry, ttl=ttl_s))
 
     async def purge(self, prefix: str) -> int:
         return await self.cache.clear(namespace=prefix)
