@@ -44,9 +44,9 @@ async def test_rows_wait_in_the_queue_until_a_batch_fills(usage_db, gateway_kit)
             await generate(client)
         await asyncio.sleep(0.1)
         assert len(metering_plugin(gateway).writer.queue) == 2  # answered, not yet written
-        await generate(client)
-        for _ in range(50):
-            if not metering_plugin(gateway).writer.queue:
+        await generate(client)  # the third row fills the batch: written now, not in a minute
+        for _ in range(250):
+            if metering_plugin(gateway).writer.written == 3:
                 break
             await asyncio.sleep(0.02)
     assert len(await usage_rows(usage_db)) == 3
