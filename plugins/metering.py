@@ -301,6 +301,12 @@ class Plugin:
         if flow.principal is None and flow.outcome == Outcome.AUTH_FAIL:
             return
         model = self._model(flow)
+        detached = getattr(flow.scratch.get("cache"), "detached", None)
+        if flow.outcome == Outcome.CLIENT_ABORT and detached is not None:
+            # The cache finishes this upstream call for followers that wait on it: the upstream
+            # bills it all the same, so record it once its usage is known.
+            detached.add_done_callback(lambda done: self._record_detached(flow, model, done))
+            return
         measured = _Measured(model, None, None, 0, 0, False)
         if flow.outcome in (Outcome.TRUNCATED, Outcome.CLIENT_ABORT) and flow.attempts:
             # The upstream may have billed for work the client never got: count what was seen.
@@ -312,6 +318,17 @@ class Plugin:
                 self._count_unmetered(flow, flow.outcome)
         if measured.cost_micros is not None and measured.cost_micros:
             flow.cost_usd = micros_to_usd(measured.cost_micros)
+        self._record(flow, measured)
+
+    def _record_detached(self, flow: Flow, model: str | None, done: asyncio.Future[Any]) -> None:
+        usage = None if done.cancelled() or done.exception() is not None else done.result()
+        if usage:
+            measured = self._price(flow, model, None, usage, None)
+            if measured.cost_micros:
+                flow.cost_usd = micros_to_usd(measured.cost_micros)
+        else:
+            measured = _Measured(model, None, None, None, 0, True)
+            self._count_unmetered(flow, flow.outcome)
         self._record(flow, measured)
 
     # ------------------------------------------------------------ measuring

@@ -104,3 +104,34 @@ async def test_a_repeated_request_through_the_real_cache_records_a_miss_then_a_s
     assert [(row["cache_hit"], row["cost_micros"], row["saved_micros"]) for row in rows] == [
         (False, 8734, 0), (True, 0, 8734)]
     assert fake_upstream.count("/v1/images/generations") == 1
+
+
+@pytest.mark.skipif("cache" not in BUILTIN_PLUGINS, reason="the cache plugin is not a built-in yet")
+async def test_a_call_the_cache_finishes_after_its_client_left_is_still_metered(usage_db, gateway_kit, fake_upstream):
+    import asyncio
+
+    import aiohttp
+
+    gateway = await gateway_kit.start(gateway_config(usage_db, cache=True))
+    fake_upstream.inject(path="/v1/images/generations", status=200, delay_s=0.6)
+    body = {"model": "gpt-image-1.5", "prompt": PROMPT, "quality": "low", "size": "1024x1024"}
+    headers = {"Authorization": f"Bearer {DESIGN_KEY}"}
+
+    async def post() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gateway.base_url + "/images/generations", json=body, headers=headers) as response:
+                return await response.read()
+
+    leader = asyncio.create_task(post())
+    await asyncio.sleep(0.1)
+    follower = asyncio.create_task(post())
+    await asyncio.sleep(0.1)
+    leader.cancel()  # the leader's client leaves while the image is being made; the follower waits on
+    follower_body = await follower
+    assert b'"usage"' in follower_body and fake_upstream.count("/v1/images/generations") == 1
+    await asyncio.sleep(0.1)
+    await flush(gateway)
+    rows = await usage_rows(usage_db)
+    charged = [row for row in rows if row["outcome"] == "client_abort"]
+    assert len(charged) == 1 and charged[0]["cost_micros"] == 8734  # what the upstream billed the leader's call
+    assert [row["cache_hit"] for row in rows if row["outcome"] != "client_abort"] == [True]
