@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -31,12 +33,14 @@ from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body
 from gatekeeper_plugins.audit_pg import TABLE_NAME, PostgresCheckpoints
 from gatekeeper_plugins.audit_record import (
     IMAGE_ROUTES,
+    Captured,
     RequestFacts,
     build_record,
+    capture,
     normalized_input_hashes,
     request_facts,
 )
-from gatekeeper_plugins.audit_writer import AuditLog, AuditUnavailable
+from gatekeeper_plugins.audit_writer import BATCH_MAX_RECORDS, BATCH_WINDOW_S, AuditLog, AuditUnavailable
 
 if TYPE_CHECKING:
     from gatekeeper.app import Gateway
@@ -116,6 +120,9 @@ class Plugin:
             log_name=log_name_for(self.path),
             on_checkpoint=self.checkpoints.submit if self.checkpoints else None,
         )
+        self._batch: list[Captured] = []
+        self._batch_started = 0.0
+        self._batch_timer: asyncio.TimerHandle | None = None
 
     def describe(self) -> str:
         chain = "HMAC-signed chain" if self.key else "sha256 chain"
@@ -135,6 +142,7 @@ class Plugin:
     @hookimpl
     async def shutdown(self, gateway: Gateway) -> None:
         """Write every queued record and the final checkpoint, then stop the writer."""
+        self._hand_over()
         await asyncio.to_thread(self.log.close, SHUTDOWN_FLUSH_S)
         if self.checkpoints is not None:
             await self.checkpoints.close()
@@ -147,7 +155,7 @@ class Plugin:
             "ready": not (self.required and audit_log.broken),
             "path": str(self.path),
             "seq": audit_log.seq,
-            "pending": audit_log.pending,
+            "pending": audit_log.pending + len(self._batch),
             "fsync": self.settings.fsync,
             "error": audit_log.broken,
             "dropped": audit_log.dropped,
@@ -185,7 +193,7 @@ class Plugin:
                 flow.json  # decoded here, on the loop, so the thread only reads it
             except GatewayError:
                 return
-            flow.scratch.setdefault(self.name, {})["facts"] = asyncio.ensure_future(
+            self._state(flow)["facts"] = asyncio.ensure_future(
                 asyncio.to_thread(request_facts, flow, self.log_prompts))
 
     @hookimpl
@@ -197,17 +205,30 @@ class Plugin:
         return None
 
     @hookimpl
-    async def exchange_complete(self, flow: Flow) -> None:
-        """Record the exchange; in ``always`` mode, return only once the record is on disk."""
+    def exchange_complete(self, flow: Flow) -> Awaitable[None] | None:
+        """Record the exchange; in ``always`` mode the returned awaitable ends once the record is on
+        disk. Returns None (no coroutine at all) when nothing needs waiting for: batch-mode hits."""
         if self.required and self.log.broken:
             raise _unavailable()  # exchange_error records the refusal
-        await self._image_facts(flow)
-        facts = await self._request_facts(flow)
-        record = build_record(flow, facts, flow.annotations, None, self.log_prompts)
-        must_wait = self.wait_for_disk and not self.log.broken
-        future = self.log.submit(record, retain=not (must_wait and self.required))
-        state = flow.scratch.setdefault(self.name, {})
+        if self.wait_for_disk or self._needs_a_thread(flow):
+            return self._complete_and_wait(flow)
+        self._analyze_images(flow)
+        self._collect(capture(flow, None, flow.annotations, None, self.log_prompts))
+        self._state(flow)["submitted"] = True
+        return None
+
+    async def _complete_and_wait(self, flow: Flow) -> None:
+        if self._unhashed_images(flow) is not None:
+            await self._analyze_images_in_thread(flow)
+        captured = capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None,
+                           self.log_prompts)
+        state = self._state(flow)
         state["submitted"] = True
+        if not self.wait_for_disk:
+            self._collect(captured)
+            return
+        must_wait = not self.log.broken
+        future = self.log.submit(build_record(captured), retain=not (must_wait and self.required))
         if not must_wait:
             return
         try:
@@ -220,35 +241,97 @@ class Plugin:
     @hookimpl
     async def exchange_error(self, flow: Flow, error: BaseException) -> None:
         """Record refusals, upstream failures, truncations and aborts; a record is never skipped."""
-        state = flow.scratch.setdefault(self.name, {})
+        state = self._state(flow)
         if state.get("submitted"):
             return
-        facts = await self._request_facts(flow)
         images = flow.annotations if "output_image_sha256" in flow.annotations else None
-        record = build_record(flow, facts, images, error, self.log_prompts)
-        future = self.log.submit(record, retain=True)
+        captured = capture(flow, await self._request_facts_in_thread(flow), images, error, self.log_prompts)
         state["submitted"] = True
-        if (self.wait_for_disk and not self.log.broken
+        if not self.wait_for_disk:
+            self._collect(captured)
+            return
+        future = self.log.submit(build_record(captured), retain=True)
+        if (not self.log.broken
                 and flow.outcome not in (Outcome.CLIENT_ABORT, Outcome.TRUNCATED)):
             try:
                 await asyncio.wrap_future(future)
             except AuditUnavailable:
                 pass  # still queued and retried; the writer logged the failure
 
+    def _state(self, flow: Flow) -> dict[str, Any]:
+        state = flow.scratch.get(self.name)
+        if state is None:
+            state = flow.scratch[self.name] = {}
+        return state
+
+    # ------------------------------------------------------------ batch mode: collected on the loop
+
+    def _collect(self, captured: Captured) -> None:
+        """Keep `captured` until the batch is full or 50 ms old, then hand the whole batch over: the
+        writer thread is woken once per batch (a wake-up costs more CPU than a record), and builds,
+        encodes and chains the records off the event loop, in one tight loop."""
+        batch = self._batch
+        if not batch:
+            self._batch_started = time.monotonic()
+            self._batch_timer = asyncio.get_running_loop().call_later(BATCH_WINDOW_S, self._hand_over)
+        batch.append(captured)
+        if len(batch) >= BATCH_MAX_RECORDS:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
+        batch, self._batch = self._batch, []
+        if batch:
+            self.log.add_batch(batch, self._batch_started)
+
     # ------------------------------------------------------------ facts, computed once
 
-    async def _image_facts(self, flow: Flow) -> None:
-        """Hash the returned images once per miss and keep the result in flow.annotations, which
-        the cache stores with the entry and restores on a hit."""
+    def _needs_a_thread(self, flow: Flow) -> bool:
+        """Large bodies are hashed in worker threads: the response's images, or the request's inputs
+        (maybe started in check_request)."""
+        body = self._unhashed_images(flow)
+        return ((body is not None and len(body) > OFF_LOOP_BYTES) or self._facts_task(flow) is not None
+                or self._hashes_inputs_off_loop(flow))
+
+    def _facts_task(self, flow: Flow) -> asyncio.Future[RequestFacts] | None:
+        state = flow.scratch.get(self.name)
+        return state.get("facts") if state is not None else None
+
+    @staticmethod
+    def _unhashed_images(flow: Flow) -> bytes | None:
+        """The body of an image response whose images haven't been hashed yet (a miss), else None.
+        On a hit the cache restores flow.annotations with the hashes, so nothing is decoded again."""
         body = flow.response_body
-        if (flow.route not in IMAGE_ROUTES or "output_image_sha256" in flow.annotations or body is None
+        if (body is None or "output_image_sha256" in flow.annotations or flow.route not in IMAGE_ROUTES
                 or not 200 <= (flow.status or 0) < 300):
+            return None
+        return body
+
+    def _analyze_images(self, flow: Flow) -> None:
+        body = self._unhashed_images(flow)
+        if body is not None:
+            self._keep_image_facts(flow, analyze_images_body(body, self._is_event_stream(flow)))
+
+    async def _analyze_images_in_thread(self, flow: Flow) -> None:
+        body = self._unhashed_images(flow)
+        if body is None:
             return
-        event_stream = flow.response is not None and flow.response.is_event_stream
+        event_stream = self._is_event_stream(flow)
         if len(body) > OFF_LOOP_BYTES:
-            facts: ImageFacts = await asyncio.to_thread(analyze_images_body, body, event_stream)
+            facts = await asyncio.to_thread(analyze_images_body, body, event_stream)
         else:
             facts = analyze_images_body(body, event_stream)
+        self._keep_image_facts(flow, facts)
+
+    @staticmethod
+    def _is_event_stream(flow: Flow) -> bool:
+        return flow.response is not None and flow.response.is_event_stream
+
+    @staticmethod
+    def _keep_image_facts(flow: Flow, facts: ImageFacts) -> None:
+        """Into flow.annotations, which the cache stores with the entry and restores on a hit."""
         flow.annotations["output_image_sha256"] = facts.sha256
         flow.annotations["c2pa"] = facts.c2pa
 
@@ -258,17 +341,19 @@ class Plugin:
         return (flow.route in IMAGE_ROUTES and len(flow.body) > OFF_LOOP_BYTES
                 and normalized_input_hashes(flow) is None)
 
-    async def _request_facts(self, flow: Flow) -> RequestFacts:
-        task = flow.scratch.get(self.name, {}).get("facts")
+    async def _request_facts_in_thread(self, flow: Flow) -> RequestFacts | None:
+        """The facts of a large request, hashed in a worker thread; None: small enough to be read
+        from the flow when the record is built."""
+        task = self._facts_task(flow)
         try:
             if task is not None:
                 return await task
             if self._hashes_inputs_off_loop(flow):
                 return await asyncio.to_thread(request_facts, flow, self.log_prompts)
-            return request_facts(flow, self.log_prompts)
         except Exception:  # a parse problem must never cost the record itself
             log.exception("audit could not read the request", request_id=flow.request_id)
             return RequestFacts()
+        return None
 
 
 @hookimpl
