@@ -10,6 +10,7 @@ once and cached; registering or unregistering a plugin through `Hooks` refreshes
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,12 @@ import pluggy
 __all__ = ["Hooks"]
 
 _Impl = tuple[Callable[..., Any], tuple[str, ...]]
+_Coroutine = types.CoroutineType
+
+
+def _awaitable(result: Any) -> bool:
+    # Coroutines are by far the common case; inspect.isawaitable is the slow general check.
+    return result.__class__ is _Coroutine or (result is not None and inspect.isawaitable(result))
 
 
 class Hooks:
@@ -58,7 +65,7 @@ class Hooks:
         """Await impls in order and return the first non-None result."""
         for function, argnames in self.impls(name):
             result = function(*[kwargs[arg] for arg in argnames])
-            if inspect.isawaitable(result):
+            if _awaitable(result):
                 result = await result
             if result is not None:
                 return result
@@ -69,7 +76,7 @@ class Hooks:
         results = []
         for function, argnames in self.impls(name):
             result = function(*[kwargs[arg] for arg in argnames])
-            if inspect.isawaitable(result):
+            if _awaitable(result):
                 result = await result
             if result is not None:
                 results.append(result)
