@@ -10,8 +10,6 @@ the decoded bytes of a ``data:`` URL, else the UTF-8 of the ``image_url`` / ``fi
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import time
 from decimal import Decimal
@@ -23,6 +21,7 @@ from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Principal
 from gatekeeper.logs import get_logger
 from gatekeeper.multipart import parse_form
+from gatekeeper_plugins.audit_images import b64decode
 
 __all__ = ["RequestFacts", "request_facts", "json_facts", "normalized_input_hashes", "Captured", "capture",
            "build_record", "iso_time", "IMAGE_ROUTES", "PARAM_NAMES"]
@@ -71,10 +70,9 @@ def _reference_sha256(reference: Any) -> str | None:
     if not isinstance(value, str):
         return None
     if value.startswith("data:") and ";base64," in value[:200]:
-        try:
-            return _sha256(base64.b64decode(value.partition(";base64,")[2], validate=False))
-        except (binascii.Error, ValueError):
-            pass
+        decoded = b64decode(value.partition(";base64,")[2])
+        if decoded is not None:
+            return _sha256(decoded)
     return _sha256(value.encode("utf-8", "surrogatepass"))
 
 
