@@ -50,16 +50,18 @@ log = get_logger("gatekeeper.metering")
 
 _WARN_EVERY_S = 300.0
 _NAME = "metering"
+_PRICED_MEMO_SIZE = 1024
+
+_encode_json = msgspec.json.Encoder().encode
 
 
 class _FlowState:
     """What metering keeps on one flow (``flow.scratch["metering"]``)."""
 
-    __slots__ = ("facts", "model", "reservation", "scanner")
+    __slots__ = ("facts", "reservation", "scanner")
 
     def __init__(self) -> None:
         self.facts: RequestFacts | None = None
-        self.model: str | None = None
         self.reservation: Reservation | None = None
         self.scanner: SseUsageScanner | None = None
 
@@ -73,6 +75,17 @@ class _Measured(msgspec.Struct):
     cost_micros: int | None
     saved_micros: int
     unmetered: bool
+
+
+class _Priced:
+    """The tokens in one `usage` and what they cost on one model, rounded once (see `Plugin._priced`)."""
+
+    __slots__ = ("tokens", "micros", "hit_micros")
+
+    def __init__(self, tokens: Tokens | None, exact: Decimal | None, hit_fraction: Decimal) -> None:
+        self.tokens = tokens
+        self.micros = None if exact is None else round_micros(exact)  # None: no tokens, or no price
+        self.hit_micros = None if exact is None else round_micros(exact * hit_fraction)
 
 
 async def _observe(chunks: Any, scanner: SseUsageScanner) -> Any:
@@ -104,6 +117,7 @@ class Plugin:
         """The settings that can change live (on SIGHUP)."""
         self.prices = PriceBook(settings.prices)
         self.hit_fraction = settings.cache_hit_cost_fraction
+        self._priced_memo: dict[tuple[str | None, bool, bytes], _Priced] = {}
         self.default_estimate = round_micros(settings.default_estimate_usd * 1_000_000)
 
     def describe(self) -> str:
@@ -216,12 +230,10 @@ class Plugin:
         return state.facts
 
     def _model(self, flow: Flow) -> str | None:
-        state = self._state(flow)
-        if state.facts is not None:
+        state = flow.scratch.get(_NAME)
+        if state is not None and state.facts is not None:
             return state.facts.model
-        if state.model is None:
-            state.model = requested_model(flow)
-        return state.model
+        return requested_model(flow)
 
     @hookimpl
     def check_request(self, flow: Flow) -> None:
@@ -274,17 +286,16 @@ class Plugin:
         """Set ``flow.usage``, ``flow.cost_usd`` (and ``saved_usd`` on a hit); queue the usage row."""
         if flow.route not in METERED_ROUTES:
             return
-        state = self._state(flow)
-        self.ledger.release(state.reservation)
-        state.reservation = None
+        state: _FlowState | None = flow.scratch.get(_NAME)
+        if state is not None:
+            self.ledger.release(state.reservation)
+            state.reservation = None
         try:
-            if flow.outcome == Outcome.CACHE_HIT:
-                measured = self._measure_hit(flow)
-            else:
-                measured = self._measure_response(flow, state)
+            hit = flow.outcome == Outcome.CACHE_HIT
+            measured = self._measure_hit(flow) if hit else self._measure_response(flow, state)
             if measured.cost_micros is not None:
                 flow.cost_usd = micros_to_usd(measured.cost_micros)
-            if flow.outcome == Outcome.CACHE_HIT:
+            if hit:
                 flow.saved_usd = micros_to_usd(measured.saved_micros)
             self._record(flow, measured)
         except Exception:  # a metering bug must not stop audit and cache, which run after this hook
@@ -336,20 +347,27 @@ class Plugin:
     def _measure_hit(self, flow: Flow) -> _Measured:
         note = flow.annotations.get(_NAME) or {}
         model = note.get("model") or self._model(flow)
-        tokens = tokens_from_usage(flow.usage, flow.route in IMAGE_ROUTES)
-        full = self._exact_cost(flow, model, tokens, note.get("images"))
+        images = note.get("images")
+        if flow.usage:
+            priced = self._priced(model, flow.usage, flow.route in IMAGE_ROUTES)
+            if priced.tokens is not None:
+                if priced.micros is None:
+                    self._warn_unpriced(model)
+                    return _Measured(model, priced.tokens, images, None, 0, False)
+                return _Measured(model, priced.tokens, images, priced.hit_micros, priced.micros, False)
+        full = self._image_cost(flow, model, images)
         if full is None:
-            return _Measured(model, tokens, note.get("images"), None if flow.usage else 0, 0, False)
-        return _Measured(model, tokens, note.get("images"), round_micros(full * self.hit_fraction),
-                         round_micros(full), False)
+            return _Measured(model, None, images, None if flow.usage else 0, 0, False)
+        return _Measured(model, None, images, round_micros(full * self.hit_fraction), round_micros(full), False)
 
-    def _measure_response(self, flow: Flow, state: _FlowState) -> _Measured:
+    def _measure_response(self, flow: Flow, state: _FlowState | None) -> _Measured:
         model = self._model(flow)
         if (flow.status or 0) >= 300:
             return _Measured(model, None, None, 0, 0, False)  # OpenAI does not bill refused requests
         images: int | None = None
-        if state.scanner is not None:
-            usage, response_model = state.scanner.usage, state.scanner.model
+        scanner = state.scanner if state is not None else None
+        if scanner is not None:
+            usage, response_model = scanner.usage, scanner.model
         else:
             summary = summarize_json(flow.response_body) if flow.response_body else None
             usage = summary.usage if summary else None
@@ -357,7 +375,7 @@ class Plugin:
             if summary is not None and flow.route in IMAGE_ROUTES:
                 images = summary.items
         if usage is None and not (images is not None and self.prices.is_per_image(model)):
-            self._count_unmetered(flow, "stream_without_usage" if state.scanner is not None else "no_usage")
+            self._count_unmetered(flow, "stream_without_usage" if scanner is not None else "no_usage")
             return _Measured(model, None, images, None, 0, True)
         measured = self._price(flow, model, response_model, usage, images)
         if usage is not None:
@@ -371,18 +389,40 @@ class Plugin:
         """Cost `usage` (or `images`) at the price of the requested model, else the reported one."""
         if self.prices.resolve(model) is None and response_model is not None:
             model = response_model
-        tokens = tokens_from_usage(usage, flow.route in IMAGE_ROUTES)
-        exact = self._exact_cost(flow, model, tokens, images)
-        return _Measured(model, tokens, images, None if exact is None else round_micros(exact), 0, False)
+        if usage:
+            priced = self._priced(model, usage, flow.route in IMAGE_ROUTES)
+            if priced.tokens is not None:
+                if priced.micros is None:
+                    self._warn_unpriced(model)
+                return _Measured(model, priced.tokens, images, priced.micros, 0, False)
+        exact = self._image_cost(flow, model, images)
+        return _Measured(model, None, images, None if exact is None else round_micros(exact), 0, False)
 
-    def _exact_cost(self, flow: Flow, model: str | None, tokens: Tokens | None, images: int | None) -> Decimal | None:
-        if tokens is not None:
-            exact = self.prices.token_cost(model, tokens)
-        elif images is not None:
-            facts = self._facts(flow)
-            exact = self.prices.image_cost(model, facts.quality, facts.size, images)
-        else:
+    def _priced(self, model: str | None, usage: dict[str, Any], image_route: bool) -> _Priced:
+        """The tokens in `usage` and their cost on `model`, memoised by value.
+
+        Every hit of a cache entry carries the same usage (and so do many misses), and the
+        Decimal arithmetic is the costliest part of metering a request: it runs once per
+        distinct (model, usage) and prices. Prices change only in `_take_settings`, which
+        starts a new memo.
+        """
+        key = (model, image_route, _encode_json(usage))
+        priced = self._priced_memo.get(key)
+        if priced is None:
+            tokens = tokens_from_usage(usage, image_route)
+            exact = None if tokens is None else self.prices.token_cost(model, tokens)
+            priced = _Priced(tokens, exact, self.hit_fraction)
+            if len(self._priced_memo) >= _PRICED_MEMO_SIZE:
+                self._priced_memo.clear()
+            self._priced_memo[key] = priced
+        return priced
+
+    def _image_cost(self, flow: Flow, model: str | None, images: int | None) -> Decimal | None:
+        """Exact micro-dollars for `images` per-image-priced images (DALL·E), or None."""
+        if images is None:
             return None
+        facts = self._facts(flow)
+        exact = self.prices.image_cost(model, facts.quality, facts.size, images)
         if exact is None:
             self._warn_unpriced(model)
         return exact
@@ -422,32 +462,37 @@ class Plugin:
         key_id = principal.key_id if principal else None
         hit = flow.outcome == Outcome.CACHE_HIT
         tokens = measured.tokens
+        elapsed_ms = flow.elapsed_ms
         row = UsageRow(
             request_id=flow.request_id, time=flow.time_start, tenant=tenant, key_id=key_id,
-            labels=dict(principal.labels) if principal else {}, model=measured.model, route=flow.route,
+            labels=principal.labels if principal else {}, model=measured.model, route=flow.route,
             status=flow.status, outcome=flow.outcome, cache_hit=hit,
             stream=bool(flow.response is not None and flow.response.is_event_stream), unmetered=measured.unmetered,
             images=measured.images, cost_micros=measured.cost_micros, saved_micros=measured.saved_micros,
-            upstream_request_id=flow.upstream_request_id, latency_ms=round(flow.elapsed_ms, 3),
+            upstream_request_id=flow.upstream_request_id, latency_ms=round(elapsed_ms, 3),
         )
         if tokens is not None:
             row.input_tokens, row.output_tokens = tokens.input_total, tokens.output_total
             row.input_text_tokens, row.input_image_tokens = tokens.text_input, tokens.image_input
             row.input_cached_tokens = tokens.text_cached + tokens.image_cached
             row.output_text_tokens, row.output_image_tokens = tokens.text_output, tokens.image_output
-        self.ledger.record(tenant, key_id, measured.cost_micros)
+        if self.ledger:
+            self.ledger.record(tenant, key_id, measured.cost_micros)
         if self.writer is not None:
             self.writer.add(row)
         if self.metrics is not None:
-            self._observe_metrics(flow, row, tokens if not hit else None)
+            self._observe_metrics(flow, row, None if hit else tokens, elapsed_ms)
 
-    def _observe_metrics(self, flow: Flow, row: UsageRow, upstream_tokens: Tokens | None) -> None:
+    def _observe_metrics(self, flow: Flow, row: UsageRow, upstream_tokens: Tokens | None, elapsed_ms: float) -> None:
         metrics = self.metrics
         assert metrics is not None
-        child = metrics.child
-        tenant = row.tenant or "none"
-        model = self._model_label(row.model)
-        child(metrics.requests, tenant, model, str(row.status or 0), (flow.cache_status or "none").lower()).inc()
+        series = metrics.series(row.tenant or "none", self._model_label(row.model), row.status or 0,
+                                flow.cache_status)
+        series.requests.inc()
+        if row.cost_micros:
+            series.cost.inc(row.cost_micros)
+        if row.saved_micros:
+            series.saved.inc(row.saved_micros)
         if upstream_tokens is not None:
             counts = (("input", "text", upstream_tokens.text_input + upstream_tokens.text_cached),
                       ("input", "image", upstream_tokens.image_input + upstream_tokens.image_cached),
@@ -455,16 +500,12 @@ class Plugin:
                       ("output", "image", upstream_tokens.image_output))
             for direction, kind, count in counts:
                 if count:
-                    child(metrics.tokens, tenant, model, direction, kind).inc(count)
-        if row.cost_micros:
-            child(metrics.cost, tenant, model).inc(row.cost_micros)
-        if row.saved_micros:
-            child(metrics.saved, tenant, model).inc(row.saved_micros)
+                    metrics.child(metrics.tokens, series.tenant, series.model, direction, kind).inc(count)
         latency = flow.upstream_latency_s
         if latency is not None and not row.cache_hit:
-            child(metrics.upstream_latency, model).observe(latency)
+            metrics.child(metrics.upstream_latency, series.model).observe(latency)
             if not row.stream:
-                child(metrics.overhead, flow.route).observe(max(flow.elapsed_ms / 1000 - latency, 0.0))
+                metrics.child(metrics.overhead, flow.route).observe(max(elapsed_ms / 1000 - latency, 0.0))
 
 
 # ---------------------------------------------------------------- the `gatekeeper usage` command

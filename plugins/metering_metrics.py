@@ -8,19 +8,29 @@ clients sending made-up model names can't blow up the series count.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from gatekeeper.app import Gateway
 
-__all__ = ["MeteringMetrics"]
+__all__ = ["MeteringMetrics", "RequestSeries"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class RequestSeries:
+    """The counters every request of one tenant, model, status and cache outcome updates."""
+
+    __slots__ = ("tenant", "model", "requests", "cost", "saved")
+
+    def __init__(self, metrics: MeteringMetrics, tenant: str, model: str, status: int, cache: str | None) -> None:
+        self.tenant, self.model = tenant, model
+        self.requests = metrics.requests.labels(tenant, model, str(status), (cache or "none").lower())
+        self.cost = metrics.child(metrics.cost, tenant, model)
+        self.saved = metrics.child(metrics.saved, tenant, model)
 
 
 class MeteringMetrics:
@@ -63,6 +73,7 @@ class MeteringMetrics:
         if gateway is not None:
             self.in_flight.set_function(lambda: gateway.in_flight)
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._series: dict[tuple[str, str, int, str | None], RequestSeries] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: label lookups are the costly part of a metric update."""
@@ -70,4 +81,12 @@ class MeteringMetrics:
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def series(self, tenant: str, model: str, status: int, cache: str | None) -> RequestSeries:
+        """The request, cost and saving counters of one kind of request, memoised: one lookup per request."""
+        key = (tenant, model, status, cache)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = RequestSeries(self, tenant, model, status, cache)
         return found

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
+
 import msgspec
 
 __all__ = [
@@ -165,6 +167,7 @@ def round_micros(exact: Decimal) -> int:
     return int(exact.quantize(_ONE, rounding=ROUND_HALF_UP))
 
 
+@lru_cache(maxsize=1024)  # every hit of one cache entry costs and saves the same amounts
 def micros_to_usd(micros: int) -> Decimal:
     """Integer micro-dollars as an exact USD Decimal with six places (8719 -> 0.008719)."""
     return Decimal(micros).scaleb(-6).quantize(_MICRO)
