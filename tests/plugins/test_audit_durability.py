@@ -127,6 +127,16 @@ async def test_in_batch_mode_a_response_does_not_wait_for_fsync(gateway_kit, aud
     assert [r["request_id"] for r in read_records(audit_path)] == [request_id]
 
 
+async def test_in_batch_mode_a_record_is_on_disk_within_the_window_without_a_shutdown(gateway_kit, audit_path):
+    gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
+    status, request_id, _ = await generate(gateway, "soon on disk")
+    assert status == 200
+    answered = time.monotonic()
+    while not (audit_path.exists() and request_id.encode() in audit_path.read_bytes()):
+        assert time.monotonic() - answered < 0.5, "the batch never reached the writer"
+        await asyncio.sleep(0.005)
+
+
 def test_batch_mode_fsyncs_at_most_every_100_records(audit_path):
     audit_log = AuditLog(audit_path, fsync="batch")
     per_fsync: list[int] = []

@@ -58,6 +58,12 @@ def test_json_body_hashes_each_decoded_image_in_order():
     assert facts.c2pa == [False, True]
 
 
+def test_base64_wrapped_in_lines_hashes_the_same_bytes():
+    image = png_bytes("wrapped")
+    body = msgspec.json.encode({"created": 1, "data": [{"b64_json": base64.encodebytes(image).decode()}]})
+    assert analyze_json_body(body).sha256 == [sha(image)]
+
+
 def test_url_responses_yield_no_image_hashes():
     body = msgspec.json.encode({"created": 1, "data": [{"url": "https://example.invalid/a.png"}]})
     assert analyze_json_body(body).sha256 == []
