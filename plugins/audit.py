@@ -33,9 +33,8 @@ from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body
 from gatekeeper_plugins.audit_pg import TABLE_NAME, PostgresCheckpoints
 from gatekeeper_plugins.audit_record import (
     IMAGE_ROUTES,
-    Captured,
     RequestFacts,
-    build_record,
+    RequestRecord,
     capture,
     normalized_input_hashes,
     request_facts,
@@ -120,7 +119,7 @@ class Plugin:
             log_name=log_name_for(self.path),
             on_checkpoint=self.checkpoints.submit if self.checkpoints else None,
         )
-        self._batch: list[Captured] = []
+        self._batch: list[RequestRecord] = []
         self._batch_started = 0.0
         self._batch_timer: asyncio.TimerHandle | None = None
 
@@ -207,28 +206,32 @@ class Plugin:
     @hookimpl
     def exchange_complete(self, flow: Flow) -> Awaitable[None] | None:
         """Record the exchange; in ``always`` mode the returned awaitable ends once the record is on
-        disk. Returns None (no coroutine at all) when nothing needs waiting for: batch-mode hits."""
+        disk. In ``batch`` mode, unless a large body must be hashed in a worker thread, this returns
+        None and does no more than read the flow: every microsecond spent on the event loop costs
+        the loop's throughput, and the writer thread does the rest in batches."""
         if self.required and self.log.broken:
             raise _unavailable()  # exchange_error records the refusal
-        if self.wait_for_disk or self._needs_a_thread(flow):
+        unhashed = self._unhashed_images(flow)
+        if (self.wait_for_disk or self.name in flow.scratch  # a facts task from check_request
+                or (unhashed is not None and len(unhashed) > OFF_LOOP_BYTES) or self._hashes_inputs_off_loop(flow)):
             return self._complete_and_wait(flow)
-        self._analyze_images(flow)
+        if unhashed is not None:
+            self._keep_image_facts(flow, analyze_images_body(unhashed, self._is_event_stream(flow)))
+        flow.scratch[self.name] = {"submitted": True}
         self._collect(capture(flow, None, flow.annotations, None, self.log_prompts))
-        self._state(flow)["submitted"] = True
         return None
 
     async def _complete_and_wait(self, flow: Flow) -> None:
         if self._unhashed_images(flow) is not None:
             await self._analyze_images_in_thread(flow)
-        captured = capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None,
-                           self.log_prompts)
+        record = capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None, self.log_prompts)
         state = self._state(flow)
         state["submitted"] = True
         if not self.wait_for_disk:
-            self._collect(captured)
+            self._collect(record)
             return
         must_wait = not self.log.broken
-        future = self.log.submit(build_record(captured), retain=not (must_wait and self.required))
+        future = self.log.submit(record, retain=not (must_wait and self.required))
         if not must_wait:
             return
         try:
@@ -245,12 +248,12 @@ class Plugin:
         if state.get("submitted"):
             return
         images = flow.annotations if "output_image_sha256" in flow.annotations else None
-        captured = capture(flow, await self._request_facts_in_thread(flow), images, error, self.log_prompts)
+        record = capture(flow, await self._request_facts_in_thread(flow), images, error, self.log_prompts)
         state["submitted"] = True
         if not self.wait_for_disk:
-            self._collect(captured)
+            self._collect(record)
             return
-        future = self.log.submit(build_record(captured), retain=True)
+        future = self.log.submit(record, retain=True)
         if (not self.log.broken
                 and flow.outcome not in (Outcome.CLIENT_ABORT, Outcome.TRUNCATED)):
             try:
@@ -266,15 +269,15 @@ class Plugin:
 
     # ------------------------------------------------------------ batch mode: collected on the loop
 
-    def _collect(self, captured: Captured) -> None:
-        """Keep `captured` until the batch is full or 50 ms old, then hand the whole batch over: the
-        writer thread is woken once per batch (a wake-up costs more CPU than a record), and builds,
-        encodes and chains the records off the event loop, in one tight loop."""
+    def _collect(self, record: RequestRecord) -> None:
+        """Keep `record` until the batch is full or 50 ms old, then hand the whole batch over: the
+        writer thread is woken once per batch (a wake-up costs more CPU than a record), and
+        completes, encodes and chains the records off the event loop, in one tight loop."""
         batch = self._batch
         if not batch:
             self._batch_started = time.monotonic()
             self._batch_timer = asyncio.get_running_loop().call_later(BATCH_WINDOW_S, self._hand_over)
-        batch.append(captured)
+        batch.append(record)
         if len(batch) >= BATCH_MAX_RECORDS:
             self._hand_over()
 
@@ -287,13 +290,6 @@ class Plugin:
             self.log.add_batch(batch, self._batch_started)
 
     # ------------------------------------------------------------ facts, computed once
-
-    def _needs_a_thread(self, flow: Flow) -> bool:
-        """Large bodies are hashed in worker threads: the response's images, or the request's inputs
-        (maybe started in check_request)."""
-        body = self._unhashed_images(flow)
-        return ((body is not None and len(body) > OFF_LOOP_BYTES) or self._facts_task(flow) is not None
-                or self._hashes_inputs_off_loop(flow))
 
     def _facts_task(self, flow: Flow) -> asyncio.Future[RequestFacts] | None:
         state = flow.scratch.get(self.name)
@@ -308,11 +304,6 @@ class Plugin:
                 or not 200 <= (flow.status or 0) < 300):
             return None
         return body
-
-    def _analyze_images(self, flow: Flow) -> None:
-        body = self._unhashed_images(flow)
-        if body is not None:
-            self._keep_image_facts(flow, analyze_images_body(body, self._is_event_stream(flow)))
 
     async def _analyze_images_in_thread(self, flow: Flow) -> None:
         body = self._unhashed_images(flow)

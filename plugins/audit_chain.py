@@ -74,14 +74,20 @@ def mac_ok(key: bytes, line: bytes, record: dict[str, Any]) -> bool:
     return hmac.compare_digest(mac, expected)
 
 
-def seal(record: dict[str, Any], seq: int, prev: str, key: bytes | None) -> bytes:
-    """Give `record` its place in the chain and return its line (without newline)."""
-    record["seq"] = seq
-    record["prev"] = prev
-    record.pop("mac", None)
+def seal(record: dict[str, Any] | msgspec.Struct, seq: int, prev: str, key: bytes | None) -> bytes:
+    """Give `record` (a dict, or a Struct with ``seq``, ``prev`` and ``mac`` fields that omits
+    `msgspec.UNSET` ones) its place in the chain and return its line (without newline)."""
+    if isinstance(record, dict):
+        record["seq"] = seq
+        record["prev"] = prev
+        record.pop("mac", None)
+        if key is not None:
+            record["mac"] = record_mac(key, record)
+        return _encode(record)
+    record.seq, record.prev, record.mac = seq, prev, msgspec.UNSET  # type: ignore[attr-defined]
     if key is not None:
-        record["mac"] = record_mac(key, record)
-    return encode_canonical(record)
+        record.mac = hmac.new(key, _encode(record), hashlib.sha256).hexdigest()  # type: ignore[attr-defined]
+    return _encode(record)
 
 
 # ------------------------------------------------------------------ files

@@ -25,7 +25,6 @@ import os
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import msgspec
 
 from gatekeeper.logs import get_logger
 from gatekeeper_plugins.audit_chain import GENESIS, Checkpoint, line_hash, log_files, mac_ok, seal
-from gatekeeper_plugins.audit_record import Captured, build_record, iso_time
+from gatekeeper_plugins.audit_record import RequestRecord, complete, iso_time
 
 __all__ = ["AuditLog", "AuditUnavailable", "BATCH_WINDOW_S", "BATCH_MAX_RECORDS"]
 
@@ -50,6 +49,12 @@ TAIL_WINDOW = 256 * 1024
 
 _decode = msgspec.json.Decoder().decode
 
+Record = dict[str, Any] | RequestRecord  # a RequestRecord is completed in the writer thread
+
+
+def _field(record: Record, name: str) -> Any:
+    return record.get(name) if isinstance(record, dict) else getattr(record, name, None)
+
 
 class AuditUnavailable(Exception):
     """The record could not be made durable (the log is broken, or closed)."""
@@ -57,7 +62,7 @@ class AuditUnavailable(Exception):
 
 @dataclass(slots=True, eq=False)  # entries compare by identity
 class _Entry:
-    record: dict[str, Any] | Captured  # a Captured flow becomes its record in the writer thread
+    record: Record
     future: concurrent.futures.Future[int] | None
     retain: bool
     enqueued: float
@@ -81,25 +86,21 @@ def _as_record(line: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _seal_or_explain(record: dict[str, Any], seq: int, prev: str, key: bytes | None) -> bytes:
+def _seal_or_explain(record: Record, seq: int, prev: str, key: bytes | None) -> bytes:
     """Seal `record`; one that can't be encoded (a plugin put an odd value on the flow) is replaced
     by a record saying so, rather than stalling the chain or vanishing."""
     try:
         return seal(record, seq, prev, key)
     except (TypeError, ValueError, msgspec.EncodeError) as error:
-        log.error("audit record could not be encoded", request_id=record.get("request_id"), error=repr(error))
-        stand_in = {"type": record.get("type", "request"), "request_id": record.get("request_id"),
-                    "time_start": record.get("time_start"), "time_end": record.get("time_end"),
+        log.error("audit record could not be encoded", request_id=_field(record, "request_id"), error=repr(error))
+        stand_in = {"type": _field(record, "type") or "request", "request_id": _field(record, "request_id"),
+                    "time_start": _field(record, "time_start"), "time_end": _field(record, "time_end"),
                     "error": f"audit record could not be encoded: {error!r}"[:500]}
-        record.clear()
-        record.update(stand_in)
-        return seal(record, seq, prev, key)
+        return seal(stand_in, seq, prev, key)
 
 
-def _record_of(entry: _Entry) -> dict[str, Any]:
-    if isinstance(entry.record, Captured):
-        entry.record = build_record(entry.record)
-    return entry.record
+def _record_of(entry: _Entry) -> Record:
+    return complete(entry.record) if isinstance(entry.record, RequestRecord) else entry.record
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -151,7 +152,7 @@ class AuditLog:
         self._fd: int | None = None
         self._size = 0
         self._needs_cut = False
-        self._pending: deque[_Entry] = deque()
+        self._pending: list[_Entry] = []  # written from the front, a batch at a time
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -207,13 +208,13 @@ class AuditLog:
 
     # ------------------------------------------------------------ submitting
 
-    def submit(self, record: dict[str, Any], *, retain: bool = True) -> concurrent.futures.Future[int]:
+    def submit(self, record: Record, *, retain: bool = True) -> concurrent.futures.Future[int]:
         """Queue `record`; the future resolves with its seq once written (and fsynced in ``always``
         mode), or fails with `AuditUnavailable`. With `retain`, a failed record stays queued."""
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         with self._cond:
             if self._stopping and not self._thread_alive():
-                log.error("audit record submitted after close", request_id=record.get("request_id"))
+                log.error("audit record submitted after close", request_id=_field(record, "request_id"))
                 future.set_exception(AuditUnavailable("the audit log is closed"))
                 return future
             if self.broken and not retain:
@@ -222,7 +223,7 @@ class AuditLog:
             if len(self._pending) >= MAX_PENDING:
                 self.dropped += 1
                 self._dropped_in_outage += 1
-                log.error("audit queue full: record dropped", request_id=record.get("request_id"),
+                log.error("audit queue full: record dropped", request_id=_field(record, "request_id"),
                           dropped=self.dropped, error=self.broken)
                 future.set_exception(AuditUnavailable("the audit queue is full"))
                 return future
@@ -230,21 +231,21 @@ class AuditLog:
             self._cond.notify()
         return future
 
-    def add_batch(self, flows: list[Captured], since: float) -> None:
-        """Queue the records of flows captured since monotonic time `since` (``batch`` mode), with
-        no waiter and one wake-up of the writer for the lot: a wake-up costs more CPU than a
-        record. The writer builds, seals and writes them together."""
+    def add_batch(self, records: list[RequestRecord], since: float) -> None:
+        """Queue records captured since monotonic time `since` (``batch`` mode), with no waiter and
+        one wake-up of the writer for the lot: a wake-up costs more CPU than a record. The writer
+        completes, seals and writes them together."""
         with self._cond:
             if self._stopping and not self._thread_alive():
-                log.error("audit records submitted after close", lost=len(flows))
+                log.error("audit records submitted after close", lost=len(records))
                 return
             room = max(MAX_PENDING - len(self._pending), 0)
-            if len(flows) > room:
-                lost = len(flows) - room
+            if len(records) > room:
+                lost = len(records) - room
                 self.dropped += lost
                 self._dropped_in_outage += lost
                 log.error("audit queue full: records dropped", lost=lost, dropped=self.dropped, error=self.broken)
-            self._pending.extend(_Entry(flow, None, True, since) for flow in flows[:room])
+            self._pending.extend(_Entry(record, None, True, since) for record in records[:room])
             self._cond.notify()
 
     def _thread_alive(self) -> bool:
@@ -284,7 +285,7 @@ class AuditLog:
                 if len(self._pending) < BATCH_MAX_RECORDS and remaining > 0:
                     self._cond.wait(remaining)
                     continue
-                return [self._pending[i] for i in range(min(len(self._pending), BATCH_MAX_RECORDS))]
+                return self._pending[:BATCH_MAX_RECORDS]
             return list(self._pending)
 
     def _flush(self, batch: list[_Entry]) -> None:
@@ -293,10 +294,11 @@ class AuditLog:
             records.insert(0, self._outage_record())
         seq, prev = self.seq, self.head
         lines = []
+        sha256 = hashlib.sha256  # line_hash, inlined: this loop runs for every record
         for record in records:
             seq += 1
             line = _seal_or_explain(record, seq, prev, self.key)
-            prev = line_hash(line)
+            prev = sha256(line).hexdigest()
             lines.append(line)
         data = b"\n".join(lines) + b"\n"
         try:
@@ -314,12 +316,11 @@ class AuditLog:
             self.broken = None
             self._retry_delay = RETRY_FIRST_S
             self._dropped_in_outage = 0
-            for _ in batch:
-                self._pending.popleft()
+            del self._pending[: len(batch)]
         for entry in batch:
             if entry.future is not None and not entry.future.done():
                 try:
-                    entry.future.set_result(entry.record["seq"])
+                    entry.future.set_result(_field(entry.record, "seq"))
                 except concurrent.futures.InvalidStateError:
                     pass  # the waiter was cancelled (client gone); the record is written all the same
         checkpointed = self.last_checkpoint.seq if self.last_checkpoint else 0
@@ -357,7 +358,7 @@ class AuditLog:
             # Every waiter learns now, not at the next attempt: records that may not wait (their
             # request fails in their place) leave the queue, the others stay for the retry.
             waiting = list(self._pending)
-            self._pending = deque(entry for entry in waiting if entry.retain)
+            self._pending = [entry for entry in waiting if entry.retain]
         for entry in waiting:
             if entry.future is not None and not entry.future.done():
                 try:
