@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import socket
 import time
 from collections.abc import Awaitable
@@ -122,6 +123,7 @@ class Plugin:
         self._batch: list[RequestRecord] = []
         self._batch_started = 0.0
         self._batch_timer: asyncio.TimerHandle | None = None
+        self._groups: dict[bool, tuple[list[RequestRecord], asyncio.Future[int]]] = {}  # by `retain`
 
     def describe(self) -> str:
         chain = "HMAC-signed chain" if self.key else "sha256 chain"
@@ -142,6 +144,8 @@ class Plugin:
     async def shutdown(self, gateway: Gateway) -> None:
         """Write every queued record and the final checkpoint, then stop the writer."""
         self._hand_over()
+        for retain in list(self._groups):
+            self._hand_over_group(retain)
         await asyncio.to_thread(self.log.close, SHUTDOWN_FLUSH_S)
         if self.checkpoints is not None:
             await self.checkpoints.close()
@@ -231,11 +235,11 @@ class Plugin:
             self._collect(record)
             return
         must_wait = not self.log.broken
-        future = self.log.submit(record, retain=not (must_wait and self.required))
+        written = self._write_soon(record, retain=not (must_wait and self.required))
         if not must_wait:
             return
         try:
-            await asyncio.wrap_future(future)
+            await asyncio.shield(written)  # shared with the group: a client gone must not cancel it
         except AuditUnavailable as error:
             if self.required:
                 state["submitted"] = False
@@ -253,11 +257,11 @@ class Plugin:
         if not self.wait_for_disk:
             self._collect(record)
             return
-        future = self.log.submit(record, retain=True)
+        written = self._write_soon(record, retain=True)
         if (not self.log.broken
                 and flow.outcome not in (Outcome.CLIENT_ABORT, Outcome.TRUNCATED)):
             try:
-                await asyncio.wrap_future(future)
+                await asyncio.shield(written)
             except AuditUnavailable:
                 pass  # still queued and retried; the writer logged the failure
 
@@ -288,6 +292,31 @@ class Plugin:
         batch, self._batch = self._batch, []
         if batch:
             self.log.add_batch(batch, self._batch_started)
+
+    # ------------------------------------------------------------ always mode: grouped per loop turn
+
+    def _write_soon(self, record: RequestRecord, retain: bool) -> asyncio.Future[int]:
+        """Queue `record` with the others finished in this turn of the event loop: the group goes to
+        the writer in one hand-over, shares its write and fsync, and is answered with one callback
+        into the loop rather than one per record."""
+        group = self._groups.get(retain)
+        if group is None:
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[int] = loop.create_future()
+            answer.add_done_callback(_mark_retrieved)
+            group = self._groups[retain] = ([], answer)
+            loop.call_soon(self._hand_over_group, retain)
+        group[0].append(record)
+        return group[1]
+
+    def _hand_over_group(self, retain: bool) -> None:
+        group = self._groups.pop(retain, None)
+        if group is None:
+            return
+        records, answer = group
+        loop = asyncio.get_running_loop()
+        self.log.submit_group(records, retain=retain).add_done_callback(
+            lambda written: loop.call_soon_threadsafe(_pass_on, written, answer))
 
     # ------------------------------------------------------------ facts, computed once
 
@@ -345,6 +374,22 @@ class Plugin:
             log.exception("audit could not read the request", request_id=flow.request_id)
             return RequestFacts()
         return None
+
+
+def _pass_on(written: concurrent.futures.Future[int], answer: asyncio.Future[int]) -> None:
+    if answer.done():
+        return
+    error = written.exception()
+    if error is None:
+        answer.set_result(written.result())
+    else:
+        answer.set_exception(error)
+
+
+def _mark_retrieved(answer: asyncio.Future[int]) -> None:
+    """A group's failure may have no waiter left (clients gone, or nobody waits while broken)."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 @hookimpl

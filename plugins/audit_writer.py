@@ -211,23 +211,34 @@ class AuditLog:
     def submit(self, record: Record, *, retain: bool = True) -> concurrent.futures.Future[int]:
         """Queue `record`; the future resolves with its seq once written (and fsynced in ``always``
         mode), or fails with `AuditUnavailable`. With `retain`, a failed record stays queued."""
+        return self.submit_group([record], retain=retain)
+
+    def submit_group(self, records: list[Record], *, retain: bool = True) -> concurrent.futures.Future[int]:
+        """Queue `records` with one wake-up of the writer and one future for them all: it resolves
+        with the seq of the last once that is written (they share a write and an fsync), or fails
+        with `AuditUnavailable`. With `retain`, failed records stay queued."""
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        if not records:
+            future.set_result(self.seq)
+            return future
         with self._cond:
             if self._stopping and not self._thread_alive():
-                log.error("audit record submitted after close", request_id=_field(record, "request_id"))
+                log.error("audit records submitted after close", request_ids=[_field(r, "request_id") for r in records])
                 future.set_exception(AuditUnavailable("the audit log is closed"))
                 return future
             if self.broken and not retain:
                 future.set_exception(AuditUnavailable(self.broken))
                 return future
-            if len(self._pending) >= MAX_PENDING:
-                self.dropped += 1
-                self._dropped_in_outage += 1
-                log.error("audit queue full: record dropped", request_id=_field(record, "request_id"),
+            if len(self._pending) + len(records) > MAX_PENDING:
+                self.dropped += len(records)
+                self._dropped_in_outage += len(records)
+                log.error("audit queue full: records dropped", request_ids=[_field(r, "request_id") for r in records],
                           dropped=self.dropped, error=self.broken)
                 future.set_exception(AuditUnavailable("the audit queue is full"))
                 return future
-            self._pending.append(_Entry(record, future, retain, time.monotonic()))
+            now = time.monotonic()
+            self._pending.extend(_Entry(record, None, retain, now) for record in records)
+            self._pending[-1].future = future  # answered when the last of them is written, or fails
             self._cond.notify()
         return future
 
