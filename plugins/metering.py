@@ -66,26 +66,33 @@ class _FlowState:
         self.scanner: SseUsageScanner | None = None
 
 
-class _Measured(msgspec.Struct):
-    """One request's usage and cost, ready to record."""
-
-    model: str | None
-    tokens: Tokens | None
-    images: int | None
-    cost_micros: int | None
-    saved_micros: int
-    unmetered: bool
+_NO_TOKENS = (None,) * 7
 
 
 class _Priced:
     """The tokens in one `usage` and what they cost on one model, rounded once (see `Plugin._priced`)."""
 
-    __slots__ = ("tokens", "micros", "hit_micros")
+    __slots__ = ("tokens", "columns", "micros", "hit_micros")
 
     def __init__(self, tokens: Tokens | None, exact: Decimal | None, hit_fraction: Decimal) -> None:
         self.tokens = tokens
+        # The token columns of a usage row, in table order (input_tokens ... output_image_tokens).
+        self.columns = _NO_TOKENS if tokens is None else (
+            tokens.input_total, tokens.output_total, tokens.text_input, tokens.image_input,
+            tokens.text_cached + tokens.image_cached, tokens.text_output, tokens.image_output)
         self.micros = None if exact is None else round_micros(exact)  # None: no tokens, or no price
         self.hit_micros = None if exact is None else round_micros(exact * hit_fraction)
+
+
+class _Measured(msgspec.Struct):
+    """One request's usage and cost, ready to record."""
+
+    model: str | None
+    priced: _Priced | None  # None when the response carried no token counts
+    images: int | None
+    cost_micros: int | None
+    saved_micros: int
+    unmetered: bool
 
 
 async def _observe(chunks: Any, scanner: SseUsageScanner) -> Any:
@@ -353,8 +360,8 @@ class Plugin:
             if priced.tokens is not None:
                 if priced.micros is None:
                     self._warn_unpriced(model)
-                    return _Measured(model, priced.tokens, images, None, 0, False)
-                return _Measured(model, priced.tokens, images, priced.hit_micros, priced.micros, False)
+                    return _Measured(model, priced, images, None, 0, False)
+                return _Measured(model, priced, images, priced.hit_micros, priced.micros, False)
         full = self._image_cost(flow, model, images)
         if full is None:
             return _Measured(model, None, images, None if flow.usage else 0, 0, False)
@@ -394,7 +401,7 @@ class Plugin:
             if priced.tokens is not None:
                 if priced.micros is None:
                     self._warn_unpriced(model)
-                return _Measured(model, priced.tokens, images, priced.micros, 0, False)
+                return _Measured(model, priced, images, priced.micros, 0, False)
         exact = self._image_cost(flow, model, images)
         return _Measured(model, None, images, None if exact is None else round_micros(exact), 0, False)
 
@@ -461,46 +468,39 @@ class Plugin:
         tenant = principal.tenant if principal else None
         key_id = principal.key_id if principal else None
         hit = flow.outcome == Outcome.CACHE_HIT
-        tokens = measured.tokens
+        priced = measured.priced
         elapsed_ms = flow.elapsed_ms
+        # Positional, in `UsageRow` field order: one row per request, so the cheapest call.
         row = UsageRow(
-            request_id=flow.request_id, time=flow.time_start, tenant=tenant, key_id=key_id,
-            labels=principal.labels if principal else {}, model=measured.model, route=flow.route,
-            status=flow.status, outcome=flow.outcome, cache_hit=hit,
-            stream=bool(flow.response is not None and flow.response.is_event_stream), unmetered=measured.unmetered,
-            images=measured.images, cost_micros=measured.cost_micros, saved_micros=measured.saved_micros,
-            upstream_request_id=flow.upstream_request_id, latency_ms=round(elapsed_ms, 3),
-        )
-        if tokens is not None:
-            row.input_tokens, row.output_tokens = tokens.input_total, tokens.output_total
-            row.input_text_tokens, row.input_image_tokens = tokens.text_input, tokens.image_input
-            row.input_cached_tokens = tokens.text_cached + tokens.image_cached
-            row.output_text_tokens, row.output_image_tokens = tokens.text_output, tokens.image_output
-        if self.ledger:
+            flow.request_id, flow.time_start, tenant, key_id, principal.labels if principal else {}, measured.model,
+            flow.route, flow.status, flow.outcome, hit,
+            bool(flow.response is not None and flow.response.is_event_stream), measured.unmetered,
+            *(priced.columns if priced is not None else _NO_TOKENS),
+            measured.images, measured.cost_micros, measured.saved_micros, flow.upstream_request_id,
+            round(elapsed_ms, 3))
+        if measured.cost_micros and self.ledger:
             self.ledger.record(tenant, key_id, measured.cost_micros)
         if self.writer is not None:
             self.writer.add(row)
         if self.metrics is not None:
-            self._observe_metrics(flow, row, None if hit else tokens, elapsed_ms)
+            self._observe_metrics(flow, row, None if hit or priced is None else priced.tokens, elapsed_ms)
 
     def _observe_metrics(self, flow: Flow, row: UsageRow, upstream_tokens: Tokens | None, elapsed_ms: float) -> None:
         metrics = self.metrics
         assert metrics is not None
         series = metrics.series(row.tenant or "none", self._model_label(row.model), row.status or 0,
                                 flow.cache_status)
-        series.requests.inc()
+        series.requests += 1
         if row.cost_micros:
-            series.cost.inc(row.cost_micros)
+            series.cost_micros += row.cost_micros
         if row.saved_micros:
-            series.saved.inc(row.saved_micros)
+            series.saved_micros += row.saved_micros
         if upstream_tokens is not None:
-            counts = (("input", "text", upstream_tokens.text_input + upstream_tokens.text_cached),
-                      ("input", "image", upstream_tokens.image_input + upstream_tokens.image_cached),
-                      ("output", "text", upstream_tokens.text_output),
-                      ("output", "image", upstream_tokens.image_output))
-            for direction, kind, count in counts:
-                if count:
-                    metrics.child(metrics.tokens, series.tenant, series.model, direction, kind).inc(count)
+            counts = series.tokens
+            counts[0] += upstream_tokens.text_input + upstream_tokens.text_cached
+            counts[1] += upstream_tokens.image_input + upstream_tokens.image_cached
+            counts[2] += upstream_tokens.text_output
+            counts[3] += upstream_tokens.image_output
         latency = flow.upstream_latency_s
         if latency is not None and not row.cache_hit:
             metrics.child(metrics.upstream_latency, series.model).observe(latency)

@@ -4,13 +4,21 @@ Money counters count whole micro-dollars (``*_usd_micros_total``): a float holds
 up to 2**53 exactly (9 billion dollars), so the counters never drift; divide by 1e6 for USD.
 Model labels are limited to models the price table knows (others show as ``other``), so
 clients sending made-up model names can't blow up the series count.
+
+The counters every request updates (requests, tokens, cost, saved) are plain ints on a
+`RequestSeries`, exported by a collector when ``/metrics`` is scraped: a prometheus-client
+``Counter.inc`` takes a lock each time, and metering only ever counts on the event loop.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from gatekeeper.app import Gateway
@@ -19,36 +27,73 @@ __all__ = ["MeteringMetrics", "RequestSeries"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_TOKEN_KINDS = (("input", "text"), ("input", "image"), ("output", "text"), ("output", "image"))
 
 
 class RequestSeries:
-    """The counters every request of one tenant, model, status and cache outcome updates."""
+    """What the requests of one tenant, model, status and cache outcome used, as plain ints."""
 
-    __slots__ = ("tenant", "model", "requests", "cost", "saved")
+    __slots__ = ("tenant", "model", "status", "cache", "created", "requests", "cost_micros", "saved_micros",
+                 "tokens")
 
-    def __init__(self, metrics: MeteringMetrics, tenant: str, model: str, status: int, cache: str | None) -> None:
-        self.tenant, self.model = tenant, model
-        self.requests = metrics.requests.labels(tenant, model, str(status), (cache or "none").lower())
-        self.cost = metrics.child(metrics.cost, tenant, model)
-        self.saved = metrics.child(metrics.saved, tenant, model)
+    def __init__(self, tenant: str, model: str, status: int, cache: str | None) -> None:
+        self.tenant, self.model, self.status = tenant, model, str(status)
+        self.cache = (cache or "none").lower()
+        self.created = time.time()
+        self.requests = 0
+        self.cost_micros = 0
+        self.saved_micros = 0
+        self.tokens = [0, 0, 0, 0]  # upstream tokens, in `_TOKEN_KINDS` order
+
+
+class _RequestCollector(Collector):
+    """Exports the `RequestSeries` counts as the request, token, cost and saving counters."""
+
+    def __init__(self, series: dict[Any, RequestSeries]) -> None:
+        self.series = series
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        requests = CounterMetricFamily(
+            "gatekeeper_requests", "Requests on metered routes, by tenant, model, status and cache outcome.",
+            labels=["tenant", "model", "status", "cache"])
+        tokens = CounterMetricFamily(
+            "gatekeeper_tokens", "Tokens used upstream (cache hits excluded), by direction and kind.",
+            labels=["tenant", "model", "direction", "kind"])
+        cost = CounterMetricFamily(
+            "gatekeeper_cost_usd_micros", "What requests cost, in micro-dollars (divide by 1e6 for USD).",
+            labels=["tenant", "model"])
+        saved = CounterMetricFamily(
+            "gatekeeper_saved_usd_micros", "What cache hits saved, in micro-dollars (divide by 1e6 for USD).",
+            labels=["tenant", "model"])
+        # Tokens, cost and savings are by tenant and model only: sum the series of each pair.
+        sums: dict[tuple[str, str], list[float]] = {}
+        for series in list(self.series.values()):
+            requests.add_metric([series.tenant, series.model, series.status, series.cache], series.requests,
+                                created=series.created)
+            total = sums.setdefault((series.tenant, series.model), [series.created, 0, 0, 0, 0, 0, 0])
+            total[0] = min(total[0], series.created)
+            total[1] += series.cost_micros
+            total[2] += series.saved_micros
+            for index, count in enumerate(series.tokens):
+                total[3 + index] += count
+        for (tenant, model), total in sums.items():
+            created = total[0]
+            if total[1]:
+                cost.add_metric([tenant, model], total[1], created=created)
+            if total[2]:
+                saved.add_metric([tenant, model], total[2], created=created)
+            for (direction, kind), count in zip(_TOKEN_KINDS, total[3:]):
+                if count:
+                    tokens.add_metric([tenant, model, direction, kind], count, created=created)
+        yield from (requests, tokens, cost, saved)
 
 
 class MeteringMetrics:
     """The metering plugin's collectors, one set per gateway."""
 
     def __init__(self, registry: CollectorRegistry, gateway: Gateway | None = None) -> None:
-        self.requests = Counter(
-            "gatekeeper_requests", "Requests on metered routes, by tenant, model, status and cache outcome.",
-            ["tenant", "model", "status", "cache"], registry=registry)
-        self.tokens = Counter(
-            "gatekeeper_tokens", "Tokens used upstream (cache hits excluded), by direction and kind.",
-            ["tenant", "model", "direction", "kind"], registry=registry)
-        self.cost = Counter(
-            "gatekeeper_cost_usd_micros", "What requests cost, in micro-dollars (divide by 1e6 for USD).",
-            ["tenant", "model"], registry=registry)
-        self.saved = Counter(
-            "gatekeeper_saved_usd_micros", "What cache hits saved, in micro-dollars (divide by 1e6 for USD).",
-            ["tenant", "model"], registry=registry)
+        self._series: dict[tuple[str, str, int, str | None], RequestSeries] = {}
+        registry.register(_RequestCollector(self._series))
         self.unpriced = Counter(
             "gatekeeper_unpriced_requests", "Requests whose model has no price: tokens recorded, cost unknown.",
             ["model"], registry=registry)
@@ -73,7 +118,6 @@ class MeteringMetrics:
         if gateway is not None:
             self.in_flight.set_function(lambda: gateway.in_flight)
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._series: dict[tuple[str, str, int, str | None], RequestSeries] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: label lookups are the costly part of a metric update."""
@@ -84,9 +128,9 @@ class MeteringMetrics:
         return found
 
     def series(self, tenant: str, model: str, status: int, cache: str | None) -> RequestSeries:
-        """The request, cost and saving counters of one kind of request, memoised: one lookup per request."""
+        """The counts of one kind of request, to add to: one dict lookup per request."""
         key = (tenant, model, status, cache)
         found = self._series.get(key)
         if found is None:
-            found = self._series[key] = RequestSeries(self, tenant, model, status, cache)
+            found = self._series[key] = RequestSeries(tenant, model, status, cache)
         return found

@@ -36,8 +36,11 @@ GROUPS = ("tenant", "model", "key", "day")  # plus "label.NAME"
 _encode_json = msgspec.json.Encoder().encode
 
 
-class UsageRow(msgspec.Struct, kw_only=True):
-    """What one request used and cost. Token fields are None when the response had no usage."""
+class UsageRow(msgspec.Struct):
+    """What one request used and cost. Token fields are None when the response had no usage.
+
+    The fields are the table's columns, in order (``time`` is the ``ts`` column).
+    """
 
     request_id: str
     time: float  # epoch seconds, UTC
