@@ -87,8 +87,7 @@ def replayed_headers(headers: CIMultiDict[str], upstream_request_id: str | None)
 
 
 def has_image_url(body: bytes) -> bool:
-    # bytes.find is a memchr-speed scan; the regex alone took ~2 ms over a 1.5 MB base64 body.
-    return b'"url"' in body and _URL_KEY.search(body) is not None
+    return _URL_KEY.search(body) is not None
 
 
 class _UsageOnly(msgspec.Struct):
