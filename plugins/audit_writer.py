@@ -1,10 +1,12 @@
 """The audit log's single writer: one thread that appends, fsyncs, rotates and checkpoints.
 
-Records are queued by the event loop with `AuditLog.submit` and written by one dedicated thread,
-so the chain order is the file order and no fsync ever blocks the loop. Whatever is queued when
-the thread wakes goes out in one ``write`` and one ``fsync`` (group commit): with ``fsync =
-"always"`` each submitter awaits its record's durability; with ``"batch"`` the thread waits for
-up to 50 ms or 100 records before each fsync and nobody waits.
+Records are queued by the event loop (`AuditLog.submit_group` in ``always`` mode, `add_batch` in
+``batch`` mode, a group or batch at a time so the thread is woken once for many) and written by
+one dedicated thread, so the chain order is the file order and no fsync ever blocks the loop. The
+thread also completes `RequestRecord` s, encodes and chains them: that work stays off the loop.
+Whatever is queued when the thread wakes goes out in one ``write`` and one ``fsync`` (group
+commit): with ``fsync = "always"`` each submitter awaits its record's durability; with ``"batch"``
+the thread waits for up to 50 ms or 100 records before each fsync and nobody waits.
 
 A failed write or fsync (ENOSPC, EIO) cuts the file back to its last durable length and marks the
 log broken. Records submitted with ``retain=True`` stay queued and are retried (with backoff)
