@@ -32,26 +32,6 @@ async def test_hop_by_hop_request_headers_never_reach_upstream(gateway, fake_ups
     assert sent["X-End-To-End"] == "kept"
 
 
-@pytest.fixture
-async def custom_upstream():
-    """Start a one-handler upstream: `url = await custom_upstream(handler)`."""
-    runners = []
-
-    async def start(handler) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
 async def test_hop_by_hop_response_headers_are_stripped(gateway_kit, custom_upstream):
     async def upstream(request: web.Request) -> web.StreamResponse:
         return web.Response(body=b'{"ok":true}', content_type="application/json",

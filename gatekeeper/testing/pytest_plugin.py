@@ -4,13 +4,14 @@
 - ``gateway_kit``: starts gateways in front of it: ``await gateway_kit.start({"cache": {...}}, plugins=[p])``.
 - ``gateway``: one gateway with the default test config.
 - ``openai_client``: an ``openai.AsyncOpenAI`` pointed at ``gateway`` with the test client key.
+- ``custom_upstream``: starts a one-handler upstream for odd cases: ``url = await custom_upstream(handler)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import pytest
+from aiohttp import web
 import pytest_asyncio
 
 from gatekeeper.server import RunningGateway
@@ -48,3 +49,23 @@ async def openai_client(gateway: RunningGateway):
 
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
         yield client
+
+
+@pytest_asyncio.fixture
+async def custom_upstream():
+    """Start a one-handler aiohttp upstream on loopback: ``base_url = await custom_upstream(handler)``."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()

@@ -9,32 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from gatekeeper.testing.kit import CANARY_SIGHTINGS, CLIENT_KEY, UPSTREAM_KEY, CanaryGuard
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
-
-
-@pytest.fixture
-async def leaky_upstream():
-    """Start an upstream that leaks what it receives: `url = await leaky_upstream(handler)`."""
-    runners = []
-
-    async def start(handler) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 async def get(url: str) -> bytes:
@@ -50,27 +29,27 @@ def take_sightings() -> list[str]:
     return seen
 
 
-async def test_guard_flags_the_upstream_authorization_echoed_in_a_response_header(gateway_kit, leaky_upstream):
+async def test_guard_flags_the_upstream_authorization_echoed_in_a_response_header(gateway_kit, custom_upstream):
     async def echo(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []},
                                  headers={"x-echo-authorization": request.headers["Authorization"]})
 
-    gateway = await gateway_kit.start({"upstream": {"base_url": await leaky_upstream(echo)}})
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(echo)}})
     await get(gateway.base_url + "/models")
     assert take_sightings() == ["GET /v1/models: response headers"]
 
 
-async def test_guard_flags_the_key_in_a_small_response_body(gateway_kit, leaky_upstream):
+async def test_guard_flags_the_key_in_a_small_response_body(gateway_kit, custom_upstream):
     async def echo(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": f"bad key {request.headers['Authorization']}"}}, status=401)
 
-    gateway = await gateway_kit.start({"upstream": {"base_url": await leaky_upstream(echo)}})
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(echo)}})
     body = await get(gateway.base_url + "/models")
     assert UPSTREAM_KEY.encode() in body  # the leak really reached the client
     assert "GET /v1/models: response body" in take_sightings()
 
 
-async def test_guard_flags_the_key_split_across_streamed_chunks(gateway_kit, leaky_upstream):
+async def test_guard_flags_the_key_split_across_streamed_chunks(gateway_kit, custom_upstream):
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
@@ -80,7 +59,7 @@ async def test_guard_flags_the_key_split_across_streamed_chunks(gateway_kit, lea
         await response.write_eof()
         return response
 
-    gateway = await gateway_kit.start({"upstream": {"base_url": await leaky_upstream(stream)}})
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(stream)}})
     await get(gateway.base_url + "/models")
     assert take_sightings() == ["GET /v1/models: streamed response body"]
 
