@@ -503,9 +503,9 @@ class Plugin:
             counts[3] += upstream_tokens.image_output
         latency = flow.upstream_latency_s
         if latency is not None and not row.cache_hit:
-            metrics.child(metrics.upstream_latency, series.model).observe(latency)
+            metrics.upstream_latency.observe(series.model, latency)
             if not row.stream:
-                metrics.child(metrics.overhead, flow.route).observe(max(elapsed_ms / 1000 - latency, 0.0))
+                metrics.overhead.observe(flow.route, max(elapsed_ms / 1000 - latency, 0.0))
 
 
 # ---------------------------------------------------------------- the `gatekeeper usage` command

@@ -5,25 +5,30 @@ up to 2**53 exactly (9 billion dollars), so the counters never drift; divide by 
 Model labels are limited to models the price table knows (others show as ``other``), so
 clients sending made-up model names can't blow up the series count.
 
-The counters every request updates (requests, tokens, cost, saved) are plain ints on a
-`RequestSeries`, exported by a collector when ``/metrics`` is scraped: a prometheus-client
-``Counter.inc`` takes a lock each time, and metering only ever counts on the event loop.
+What every request updates (the request, token, cost and saving counters, the latency
+histograms) is kept in plain numbers and exported by collectors when ``/metrics`` is scraped:
+prometheus-client metrics take a lock on each update (a histogram one per bucket it passes),
+and metering only ever counts on the event loop.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from gatekeeper.app import Gateway
 
-__all__ = ["MeteringMetrics", "RequestSeries"]
+__all__ = ["MeteringMetrics", "PlainHistogram", "RequestSeries"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -88,6 +93,40 @@ class _RequestCollector(Collector):
         yield from (requests, tokens, cost, saved)
 
 
+class _Buckets:
+    __slots__ = ("counts", "total", "created")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size  # per bucket, not cumulative: the last one is +Inf
+        self.total = 0.0
+        self.created = time.time()
+
+
+class PlainHistogram(Collector):
+    """A histogram by one label, counted in plain numbers: `observe` is a bisect and two additions."""
+
+    def __init__(self, name: str, documentation: str, label: str, bounds: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.label, self.bounds = name, documentation, label, bounds
+        self._le = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
+        self._series: dict[str, _Buckets] = {}
+        registry.register(self)
+
+    def observe(self, label_value: str, amount: float) -> None:
+        buckets = self._series.get(label_value)
+        if buckets is None:
+            buckets = self._series[label_value] = _Buckets(len(self._le))
+        buckets.counts[bisect_left(self.bounds, amount)] += 1  # bucket `le` counts amounts <= le
+        buckets.total += amount
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for label_value, buckets in list(self._series.items()):
+            family.add_metric([label_value], list(zip(self._le, accumulate(buckets.counts))), buckets.total)
+            family.samples.append(Sample(self.name + "_created", {self.label: label_value}, buckets.created))
+        yield family
+
+
 class MeteringMetrics:
     """The metering plugin's collectors, one set per gateway."""
 
@@ -106,26 +145,17 @@ class MeteringMetrics:
         self.dropped_rows = Counter(
             "gatekeeper_metering_dropped_rows", "Usage rows dropped because the write queue was full.",
             registry=registry)
-        self.upstream_latency = Histogram(
+        self.upstream_latency = PlainHistogram(
             "gatekeeper_upstream_latency_seconds", "Time from sending a request upstream to its response headers.",
-            ["model"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.overhead = Histogram(
+            "model", _LATENCY_BUCKETS, registry)
+        self.overhead = PlainHistogram(
             "gatekeeper_overhead_seconds",
             "Gateway time on a non-streamed cache miss: total time minus the upstream's time to headers.",
-            ["route"], buckets=_OVERHEAD_BUCKETS, registry=registry)
+            "route", _OVERHEAD_BUCKETS, registry)
         self.queue = Gauge("gatekeeper_metering_queue_rows", "Usage rows waiting to be written.", registry=registry)
         self.in_flight = Gauge("gatekeeper_in_flight_requests", "Requests being served right now.", registry=registry)
         if gateway is not None:
             self.in_flight.set_function(lambda: gateway.in_flight)
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, memoised: label lookups are the costly part of a metric update."""
-        key = (id(metric), *labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
     def series(self, tenant: str, model: str, status: int, cache: str | None) -> RequestSeries:
         """The counts of one kind of request, to add to: one dict lookup per request."""
