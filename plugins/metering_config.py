@@ -21,7 +21,7 @@ class MeteringConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     table: str = "gatekeeper_usage"
     schema: str | None = None  # PostgreSQL only
     pool_size: int = 4  # PostgreSQL connections per gateway process
-    batch_rows: int = 200
+    batch_rows: int = 1000
     flush_interval_ms: int = 250
     max_queue_rows: int = 100_000
     cache_hit_cost_fraction: Decimal = Decimal(0)

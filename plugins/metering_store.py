@@ -116,10 +116,14 @@ def _epoch_text(when: float) -> str:
     return f"{_second_text(int(whole))}.{micros:06d}Z"
 
 
+_MAX_ROWS_PER_INSERT = 1024  # compiled, the 11 statement sizes up to it take about 6 MB
+
+
 def _rows_per_insert() -> int:
-    """Rows per INSERT statement: as many as this SQLite's limit on bound values allows (999 before 3.32)."""
+    """The most rows one INSERT takes: a power of two within this SQLite's limit on bound values."""
     with closing(sqlite3.connect(":memory:")) as probe:
-        return max(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS), 1)
+        rows = min(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS), _MAX_ROWS_PER_INSERT)
+    return 1 << (max(rows, 1).bit_length() - 1)
 
 
 def _sums(cache_hit: str, unmetered: str) -> str:
@@ -185,6 +189,7 @@ class SqliteStore:
         self.table = table
         self._db: Any = None
         self._rows_per_insert = _rows_per_insert()
+        self._insert_sql: dict[int, str] = {}  # by rows per statement
 
     async def open(self, create: bool = True) -> None:
         import aiosqlite
@@ -195,7 +200,8 @@ class SqliteStore:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             elif not Path(path).exists():
                 path = ":memory:"  # nothing recorded yet: report on an empty database, create no file
-        self._db = await aiosqlite.connect(path, timeout=30.0)
+        # Autocommit: a batch that fits one INSERT is a transaction of its own, one call to the database thread.
+        self._db = await aiosqlite.connect(path, timeout=30.0, isolation_level=None)
         statements = ["PRAGMA busy_timeout = 30000"]
         if create:
             statements += [
@@ -215,7 +221,6 @@ class SqliteStore:
         for statement in statements:
             # Close each cursor: an unfinished PRAGMA statement would hold a lock on the file.
             await (await self._db.execute(statement)).close()
-        await self._db.commit()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -223,24 +228,39 @@ class SqliteStore:
             self._db = None
 
     async def insert(self, rows: list[UsageRow]) -> None:
-        # Many rows per statement, not `executemany`: the database thread takes the GIL once per
-        # statement instead of once per row, and each of those hand-offs costs more CPU than the row.
-        values: list[Any] = []
-        for row in rows:
-            values += _row_values(row, _epoch_text(row.time), _encode_json(row.labels).decode())
-        per_statement = self._rows_per_insert * len(COLUMNS)
+        # A batch is one INSERT (or a few in one transaction), never `executemany`: each time the
+        # database thread takes the GIL back from the busy event loop costs more CPU than a row. A
+        # statement takes a power-of-two number of rows, so SQLite compiles (costlier than running
+        # it) at most 11 of them: a batch is padded with repeats of its last row, which
+        # INSERT OR IGNORE skips as request_id is the primary key.
+        width = len(COLUMNS)
+        statements = []
+        for start in range(0, len(rows), self._rows_per_insert):
+            chunk = rows[start:start + self._rows_per_insert]
+            values: list[Any] = []
+            for row in chunk:
+                values += _sqlite_values(row)
+            size = 1 << (len(chunk) - 1).bit_length()
+            values += values[-width:] * (size - len(chunk))
+            statements.append((self._statement(size), values))
         try:
-            for start in range(0, len(values), per_statement):
-                chunk = values[start:start + per_statement]
-                await self._db.execute(self._insert_sql(len(chunk) // len(COLUMNS)), chunk)
-            await self._db.commit()
+            if len(statements) > 1:
+                await self._db.execute("BEGIN")
+            for sql, values in statements:
+                await self._db.execute(sql, values)
+            if self._db.in_transaction:
+                await self._db.execute("COMMIT")
         except BaseException:
             await self._db.rollback()  # never leave a failed batch's transaction holding the file
             raise
 
-    def _insert_sql(self, rows: int) -> str:
-        one_row = "(" + ", ".join("?" for _ in COLUMNS) + ")"
-        return f"INSERT OR IGNORE INTO {self.table} ({', '.join(COLUMNS)}) VALUES " + ", ".join([one_row] * rows)
+    def _statement(self, rows: int) -> str:
+        sql = self._insert_sql.get(rows)
+        if sql is None:
+            one_row = "(" + ", ".join("?" for _ in COLUMNS) + ")"
+            sql = self._insert_sql[rows] = (f"INSERT OR IGNORE INTO {self.table} ({', '.join(COLUMNS)}) VALUES "
+                                            + ", ".join([one_row] * rows))
+        return sql
 
     async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
         try:
@@ -352,6 +372,16 @@ def _row_values(row: UsageRow, ts: Any, labels: str) -> tuple[Any, ...]:
     values[1] = ts
     values[4] = labels
     return tuple(values)
+
+
+def _sqlite_values(row: UsageRow) -> list[Any]:
+    """A row's values as SQLite binds them fastest: the flags as 0/1, since sqlite3 looks up an
+    adapter for every value that is not exactly an int, float or str (a bool costs 10 times an int)."""
+    values = list(msgspec.structs.astuple(row))
+    values[1] = _epoch_text(row.time)
+    values[4] = _encode_json(row.labels).decode()
+    values[9:12] = (1 if row.cache_hit else 0, 1 if row.stream else 0, 1 if row.unmetered else 0)
+    return values
 
 
 def store_for_url(database: str, table: str, schema: str | None = None, pool_size: int = 4,

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -17,7 +18,7 @@ import openai
 import pytest
 
 from gatekeeper.testing.kit import ADMIN_KEY, UPSTREAM_KEY
-from gatekeeper_plugins.metering_store import store_for_url
+from gatekeeper_plugins.metering_store import UsageRow, store_for_url
 from metering_support import (  # noqa: F401
     AUTH,
     DESIGN_KEY,
@@ -76,6 +77,24 @@ async def test_rows_survive_a_database_outage_and_are_written_when_it_returns(us
     await restored.close()
     assert await writer.flush() is True
     assert len(await usage_rows(usage_db)) == 1
+
+
+@pytest.mark.parametrize("count", [1, 3, 1000, 2500])
+async def test_a_batch_of_any_size_is_written_row_for_row(usage_db, count):
+    # SQLite writes a batch as power-of-two INSERTs padded with repeats of the last row, and splits
+    # it past 1024 rows: every row must land once, with its own values.
+    store = store_for_url(usage_db["database"], usage_db["table"])
+    await store.open(create=True)
+    try:
+        await store.insert([UsageRow(
+            request_id=f"req-{index:05d}", time=time.time(), tenant="design", key_id="key-design", labels={},
+            model="gpt-image-1.5", route="images/generations", status=200, outcome="ok", cache_hit=index % 2 == 1,
+            stream=False, unmetered=False, cost_micros=index) for index in range(count)])
+    finally:
+        await store.close()
+    rows = sorted(await usage_rows(usage_db), key=lambda row: row["request_id"])
+    assert [(row["request_id"], row["cost_micros"], row["cache_hit"]) for row in rows] == [
+        (f"req-{index:05d}", index, index % 2 == 1) for index in range(count)]
 
 
 # ---------------------------------------------------------------- two gateway processes
