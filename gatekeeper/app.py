@@ -170,19 +170,23 @@ class Gateway:
 
     async def run_pipeline(self, request: web.Request, path: str) -> web.StreamResponse:
         request_id = _new_request_id()
+        refusal: GatewayError | None = None
         if self._max_concurrency and self.in_flight >= self._max_concurrency:
-            return self.error_response(
-                GatewayError(503, "The gateway is at its concurrency limit; retry shortly.", code="overloaded",
-                             headers={"retry-after": "1"}), request_id)
-        if request.content_length is not None and request.content_length > self._max_body:
-            return self.error_response(self._too_large(), request_id)
+            refusal = GatewayError(503, "The gateway is at its concurrency limit; retry shortly.", code="overloaded",
+                                   headers={"retry-after": "1"})
+        elif request.content_length is not None and request.content_length > self._max_body:
+            refusal = self._too_large()
+        if refusal is not None:
+            # Refused before the body is read, yet still a flow: audit and metrics see every refusal.
+            return await self._refuse(Flow(request, request_id, path, b""), refusal)
         self.in_flight += 1
         flow: Flow | None = None
         try:
             try:
                 body = await self._read_body(request) if request.body_exists else b""
             except GatewayError as error:
-                return self.error_response(error, request_id)
+                flow = Flow(request, request_id, path, b"")
+                return await self._refuse(flow, error)
             flow = Flow(request, request_id, path, body)
             return await self._run_stages(flow)
         finally:

@@ -347,3 +347,12 @@ async def test_a_plugin_bug_becomes_an_openai_shaped_500_without_traceback(gatew
     assert status == 500 and b"gateway_error" in body
     assert b"secret internals" not in body and b"Traceback" not in body
     assert plugin.calls and plugin.calls[0][0] == "error"
+
+
+async def test_requests_refused_before_their_body_is_read_still_end_in_exchange_error(gateway_kit, fake_upstream):
+    plugin = EndRecorder()
+    running = await gateway_kit.start({"server": {"max_body_bytes": 64}}, plugins=[plugin])
+    status, _, _ = await post(running.base_url + "/images/generations", {**GENERATE, "prompt": "x" * 200})
+    assert status == 413
+    assert plugin.calls == [("error", (413, "rejected"))]
+    assert fake_upstream.count() == 0
