@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -42,6 +43,10 @@ __all__ = ["Plugin", "NormalizeConfig", "canonical_json_request", "canonical_for
 _encode_sorted = msgspec.json.Encoder(order="sorted").encode
 _IMAGE_FIELDS = ("image", "image[]")
 _HASH_IN_THREAD_BYTES = 1 << 20  # above this, file hashing leaves the event loop (hashlib drops the GIL)
+# Apps repeat requests byte for byte (that is what the cache is for), so the canonical form of a
+# JSON body is memoised by its exact bytes: a repeat skips the decode, the rules and the encode.
+_MEMO_MAX_BODY_BYTES = 16 * 1024
+_MEMO_MAX_BYTES = 8 * 1024 * 1024
 
 
 class NormalizeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -117,8 +122,34 @@ def summary(route: str, params: dict[str, Any], files: dict[str, list[str]] | No
     }
 
 
+class _Memo:
+    """Canonical forms of recent JSON bodies, by route and exact bytes; oldest out first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = _MEMO_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.entries: dict[tuple[str, bytes], tuple[bytes, dict[str, Any], bytes | None]] = {}
+
+    def get(self, route: str, body: bytes) -> tuple[bytes, dict[str, Any], bytes | None] | None:
+        return self.entries.get((route, body))
+
+    def put(self, route: str, body: bytes, value: tuple[bytes, dict[str, Any], bytes | None]) -> None:
+        cost = 2 * len(body) + len(value[0]) + 512  # body, canonical form and summary, roughly
+        entries = self.entries
+        while entries and self.size + cost > self.max_bytes:
+            oldest = next(iter(entries))
+            old = entries.pop(oldest)
+            self.size -= 2 * len(oldest[1]) + len(old[0]) + 512
+        entries[(route, body)] = value
+        self.size += cost
+
+
 class Plugin:
-    """Builds `flow.canonical` and ``flow.scratch["normalize"]`` for the cacheable routes."""
+    """Builds `flow.canonical` and ``flow.scratch["normalize"]`` for the cacheable routes.
+
+    ``flow.scratch["normalize"]`` is a fresh dict per flow, but the values in it (``params``,
+    ``input_images``) are shared between flows with identical bodies: read them, don't change them.
+    """
 
     name = "normalize"
     config_section = "normalize"
@@ -131,32 +162,46 @@ class Plugin:
         endpoints = cache_section.get("endpoints") if isinstance(cache_section, dict) else None
         extra = OPTIONAL_ROUTES & set(endpoints if isinstance(endpoints, list) else ())
         self.routes = ALWAYS_NORMALIZED | extra
+        self.memo = _Memo()
 
     def describe(self) -> str:
         return f"routes={','.join(sorted(self.routes))} rewrite={str(self.rewrite).lower()}"
 
     @hookimpl
-    async def normalize_request(self, flow: Flow) -> None:
+    def normalize_request(self, flow: Flow) -> Awaitable[None] | None:
         """Set `flow.canonical` and ``flow.scratch["normalize"]`` on the cacheable POST routes."""
+        # Not `async def`: only multipart bodies (hashed, maybe in a thread) need an await; the
+        # dispatcher awaits the coroutine returned for them, JSON requests pay for no coroutine.
         if flow.method != "POST" or flow.route not in self.routes or not flow.body:
-            return
-        if flow.content_type == "multipart/form-data":
-            content_type = flow.headers.get("content-type", "")
-            canonical, params, files, given = await canonical_form_request(flow.route, content_type, flow.body)
-            # `flow.model` (the model as sent, not defaulted) would parse the form again.
-            sent_model = given.get("model")
-            flow.scratch.setdefault("model", sent_model if isinstance(sent_model, str) else None)
-            flow.canonical = canonical
-            flow.scratch["normalize"] = summary(flow.route, params, files, True)
-            return
-        body = flow.json
-        if not isinstance(body, dict):
-            return  # not an object: nothing to key; the upstream will answer it
-        canonical, params, given = canonical_json_request(flow.route, body)
+            return None
+        content_type = flow.content_type
+        if content_type == "multipart/form-data":
+            return self._normalize_form(flow)
+        raw = flow.body
+        memoisable = len(raw) <= _MEMO_MAX_BODY_BYTES and content_type in ("application/json", "")
+        memoised = self.memo.get(flow.route, raw) if memoisable else None
+        if memoised is None:
+            body = flow.json
+            if not isinstance(body, dict):
+                return  # not an object: nothing to key; the upstream will answer it
+            canonical, params, given = canonical_json_request(flow.route, body)
+            memoised = (canonical, summary(flow.route, params, None, False), self.rewritten_body(given) if self.rewrite else None)
+            if memoisable:
+                self.memo.put(flow.route, raw, memoised)
+        flow.canonical = memoised[0]
+        flow.scratch["normalize"] = dict(memoised[1])
+        if memoised[2] is not None:
+            flow.body = memoised[2]
+        return None
+
+    async def _normalize_form(self, flow: Flow) -> None:
+        content_type = flow.headers.get("content-type", "")
+        canonical, params, files, given = await canonical_form_request(flow.route, content_type, flow.body)
+        # `flow.model` (the model as sent, not defaulted) would parse the form again.
+        sent_model = given.get("model")
+        flow.scratch.setdefault("model", sent_model if isinstance(sent_model, str) else None)
         flow.canonical = canonical
-        flow.scratch["normalize"] = summary(flow.route, params, None, False)
-        if self.rewrite:
-            flow.body = self.rewritten_body(given)
+        flow.scratch["normalize"] = summary(flow.route, params, files, True)
 
     @staticmethod
     def rewritten_body(given: dict[str, Any]) -> bytes:

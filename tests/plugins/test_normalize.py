@@ -264,3 +264,51 @@ async def test_a_body_that_is_not_json_is_refused_with_an_openai_error(gateway_k
     assert reply.status == 400
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
     assert fake_upstream.count(GENERATIONS) == 0
+
+
+# ---------------------------------------------------------------- memoised canonical forms
+
+
+async def test_a_repeated_body_gets_the_same_canonical_form_and_a_summary_of_its_own(gateway_kit):
+    seen = Seen()
+    gateway = await gateway_kit.start(plugins=[seen])
+    raw = b'{"model":"gpt-image-1","prompt":"a  fox"}'
+    for _ in range(2):
+        reply = await post(gateway, GENERATIONS, data=raw, headers={"Content-Type": "application/json"})
+        assert reply.status == 200
+    (first, first_summary, _), (second, second_summary, _) = seen.flows
+    assert first == second == canonical({"model": "gpt-image-1", "prompt": "a fox"})
+    assert first_summary == second_summary and first_summary is not second_summary
+
+
+async def test_a_repeated_body_is_rewritten_the_same_way(gateway_kit, fake_upstream):
+    gateway = await gateway_kit.start({"normalize": {"rewrite": True}})
+    raw = b'{ "prompt" : "a   fox",  "model":"gpt-image-1.5", "n": 1.0 }'
+    for _ in range(2):
+        reply = await post(gateway, GENERATIONS, data=raw,
+                           headers={"Content-Type": "application/json", "Cache-Control": "no-cache"})
+        assert reply.status == 200
+    assert [call.body for call in fake_upstream.calls[-2:]] == [b'{"model":"gpt-image-1.5","n":1,"prompt":"a fox"}'] * 2
+
+
+async def test_a_body_seen_as_json_is_not_keyed_when_sent_as_another_content_type(gateway_kit):
+    seen = Seen()
+    gateway = await gateway_kit.start(plugins=[seen])
+    raw = b'{"model":"gpt-image-1","prompt":"a fox"}'
+    await post(gateway, GENERATIONS, data=raw, headers={"Content-Type": "application/json"})
+    await post(gateway, GENERATIONS, data=raw, headers={"Content-Type": "text/plain"})
+    assert seen.flows[0][0] is not None
+    assert seen.flows[1][0] is None and seen.flows[1][1] is None
+
+
+def test_the_memo_keeps_to_its_byte_budget_dropping_the_oldest_first():
+    from gatekeeper_plugins.normalize import _Memo
+
+    memo = _Memo(max_bytes=10_000)
+    bodies = [b'{"prompt":"%d"}' % i + b" " * 1000 for i in range(20)]
+    for body in bodies:
+        memo.put("images/generations", body, (b"canonical", {}, None))
+        assert memo.size <= 10_000
+    assert memo.get("images/generations", bodies[0]) is None
+    assert memo.get("images/generations", bodies[-1]) == (b"canonical", {}, None)
+    assert memo.size == sum(2 * len(key[1]) + len(b"canonical") + 512 for key in memo.entries)
