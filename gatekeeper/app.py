@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gatekeeper.access_log import AccessLog
+from gatekeeper.access_log import AccessLine, AccessLog
 from gatekeeper.config import Config
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
@@ -213,19 +213,19 @@ class Gateway:
         hooks = self.hooks
         try:
             try:
-                flow.principal = await hooks.call_first("authenticate", flow=flow)
+                flow.principal = await hooks.flow_first("authenticate", flow)
                 if flow.response is None:
-                    await hooks.call_all("normalize_request", flow=flow)
+                    await hooks.flow_all("normalize_request", flow)
                 if flow.response is None:
-                    await hooks.call_all("check_request", flow=flow)
+                    await hooks.flow_all("check_request", flow)
                 if flow.response is None:
-                    flow.response = await hooks.call_first("cache_lookup", flow=flow)
+                    flow.response = await hooks.flow_first("cache_lookup", flow)
                     if flow.response is not None:
                         flow.outcome = Outcome.CACHE_HIT
                 if flow.response is None:
-                    await hooks.call_all("before_forward", flow=flow)
+                    await hooks.flow_all("before_forward", flow)
                 if flow.response is None:
-                    flow.response = await hooks.call_first("forward_request", flow=flow)
+                    flow.response = await hooks.flow_first("forward_request", flow)
                     if flow.response is None:
                         raise GatewayError(502, "No plugin forwarded the request upstream.", outcome=Outcome.UPSTREAM_ERROR)
             except GatewayError as error:
@@ -287,7 +287,7 @@ class Gateway:
             flow.outcome = Outcome.OK if (flow.status or 0) < 400 else (
                 Outcome.UPSTREAM_ERROR if flow.upstream_request_id or flow.attempts else Outcome.REJECTED)
         try:
-            await self.hooks.call_all("exchange_complete", flow=flow)
+            await self.hooks.flow_all("exchange_complete", flow)
         except GatewayError as error:
             flow.outcome = error.outcome
             await self._end_with_error(flow, error)
@@ -396,19 +396,28 @@ class Gateway:
         if self.access_log is None:
             return
         principal = flow.principal
-        self.access_log.record({
-            "request_id": flow.request_id,
-            "method": flow.method,
-            "path": flow.path,
-            "status": flow.status,
-            "ms": round(flow.elapsed_ms, 2),
-            "tenant": principal.tenant if principal else None,
-            "key_id": principal.key_id if principal else None,
-            "model": flow.scratch.get("model"),
-            "cache": flow.cache_status,
-            "outcome": flow.outcome,
-            "upstream_request_id": flow.upstream_request_id,
-        })
+        self.access_log.record(AccessLine(
+            request_id=flow.request_id,
+            method=flow.method,
+            path=flow.path,
+            status=flow.status,
+            ms=round(flow.elapsed_ms, 2),
+            tenant=principal.tenant if principal else None,
+            key_id=principal.key_id if principal else None,
+            model=_logged_model(flow),
+            cache=flow.cache_status,
+            outcome=flow.outcome,
+            upstream_request_id=flow.upstream_request_id,
+        ))
+
+
+def _logged_model(flow: Flow) -> str | None:
+    """The model as sent when a plugin has read it, else the normalized request's (defaults applied)."""
+    model = flow.scratch.get("model")
+    if model is None:
+        normalized = flow.scratch.get("normalize")
+        model = normalized.get("model") if normalized is not None else None
+    return model if isinstance(model, str) else None
 
 
 async def _abort(request: web.Request, flush_wait_s: float = 1.0) -> None:
