@@ -46,53 +46,55 @@ class ConnectionGuards:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's HTTP/1 protocol with a header timeout, a send timeout and a bounded send buffer."""
 
-    __slots__ = ("_guards", "_head_timer", "_send_timer", "_requests_done")
+    __slots__ = ("_guards", "_head_since", "_head_timer", "_send_timer")
 
     def __init__(self, manager: web.Server, *, guards: ConnectionGuards, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guards = guards
+        self._head_since: float | None = None  # when the bytes of a still incomplete request head began
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
-        self._requests_done = 0  # requests whose handling finished; _request_count counts heads parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         high = self._guards.write_buffer_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)  # type: ignore[attr-defined]
-        self._arm_head_timer()
+        self._head_started(self._loop.time())
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._cancel_head_timer()
+        self._head_since = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        idle = self._request_count == self._requests_done
-        if idle and self._head_timer is None and data:
-            self._arm_head_timer()  # the first bytes of a new request head
+        if self._head_since is None and data and not self._request_in_progress and not self._messages:
+            self._head_started(self._loop.time())  # the first bytes of a new request head
+        parsed = self._request_count
         super().data_received(data)
-        if self._head_timer is not None and self._request_count != self._requests_done:
-            self._cancel_head_timer()  # the head is complete
+        if self._request_count != parsed:
+            self._head_since = None  # the head is complete
 
-    async def _handle_request(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super()._handle_request(*args, **kwargs)
-        finally:
-            self._requests_done += 1
+    def _head_started(self, now: float) -> None:
+        # One timer per connection, not one per request: a timer armed for an earlier head that
+        # completed in time finds a later head pending when it fires and re-arms for that head's
+        # deadline. Under keep-alive load a timer is armed about once per header timeout.
+        self._head_since = now
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(now + self._guards.header_timeout_s, self._check_head)
 
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self._loop.call_later(self._guards.header_timeout_s, self._head_timed_out)
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
+    def _check_head(self) -> None:
         self._head_timer = None
-        if self.transport is None or self._request_count != self._requests_done:
+        since = self._head_since
+        if since is None or self.transport is None:
+            return
+        deadline = since + self._guards.header_timeout_s
+        if self._loop.time() < deadline - 0.001:  # timers may fire a clock tick early
+            self._head_timer = self._loop.call_at(deadline, self._check_head)
             return
         self._guards.closed["header_timeout"] += 1
         log.debug("closing a connection whose request head did not arrive in time", peer=self.peername)

@@ -27,21 +27,32 @@ def _awaitable(result: Any) -> bool:
     return result.__class__ is _Coroutine or (result is not None and inspect.isawaitable(result))
 
 
+def _flow_caller(name: str, function: Callable[..., Any], argnames: tuple[str, ...]) -> Callable[[Any], Any]:
+    if argnames == ("flow",):
+        return function
+    if not argnames:  # pluggy lets an impl take fewer arguments than the spec
+        return lambda flow: function()
+    raise TypeError(f"hook {name} passes only `flow`, not {argnames} ({function.__qualname__})")
+
+
 class Hooks:
     """Calls the hooks of one plugin manager (one per gateway app, never module-global)."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._order: dict[str, list[_Impl]] = {}
+        self._flow_callers: dict[str, tuple[Callable[[Any], Any], ...]] = {}
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         registered = self.pm.register(plugin, name=name)
         self._order.clear()
+        self._flow_callers.clear()
         return registered
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
         removed = self.pm.unregister(plugin=plugin, name=name)
         self._order.clear()
+        self._flow_callers.clear()
         return removed
 
     def impls(self, name: str) -> list[_Impl]:
@@ -57,6 +68,35 @@ class Hooks:
                 order.append((impl.function, tuple(impl.argnames)))
             self._order[name] = order
         return order
+
+    def flow_callers(self, name: str) -> tuple[Callable[[Any], Any], ...]:
+        """The impls of a hook whose only argument is ``flow``, each callable as ``call(flow)``.
+
+        The pipeline's stages call these once per request each: a direct call, with no keyword
+        mapping per impl.
+        """
+        callers = self._flow_callers.get(name)
+        if callers is None:
+            callers = tuple(_flow_caller(name, function, argnames) for function, argnames in self.impls(name))
+            self._flow_callers[name] = callers
+        return callers
+
+    async def flow_first(self, name: str, flow: Any) -> Any:
+        """`call_first` for a hook that takes only ``flow``."""
+        for call in self.flow_callers(name):
+            result = call(flow)
+            if _awaitable(result):
+                result = await result
+            if result is not None:
+                return result
+        return None
+
+    async def flow_all(self, name: str, flow: Any) -> None:
+        """`call_all` for a hook that takes only ``flow``, when the results don't matter."""
+        for call in self.flow_callers(name):
+            result = call(flow)
+            if _awaitable(result):
+                await result
 
     def has_impls(self, name: str) -> bool:
         return bool(self.impls(name))
