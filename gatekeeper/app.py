@@ -41,6 +41,8 @@ _encode_json = msgspec.json.Encoder().encode
 
 
 _UNSAFE_PATH = re.compile(r"[%?#\\\x00-\x1f\x7f]")
+_UNSAFE = "\x00unsafe"  # what the path memo holds for a path refused with invalid_path
+_PATH_MEMO_SIZE = 1024
 
 
 def normalize_path(raw_path: str) -> str:
@@ -87,6 +89,7 @@ class Gateway:
         self.in_flight = 0
         self.draining = False
         self.admin_routes: dict[tuple[str, str], Handler] = {}
+        self._paths: dict[str, str] = {}  # raw path -> normalized path (or _UNSAFE)
         self._max_body = config.server.max_body_bytes
         self._max_concurrency = config.server.max_concurrency
         server = config.server
@@ -117,8 +120,10 @@ class Gateway:
     # ------------------------------------------------------------ routing
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = normalize_path(request.raw_path)
-        if _UNSAFE_PATH.search(path):
+        path = self._paths.get(request.raw_path)
+        if path is None:
+            path = self._normalized_path(request.raw_path)
+        if path is _UNSAFE:
             # Still encoded after one decode (%252e), or a decoded ?/#: the upstream URL would be
             # decoded again and could leave /v1. Nothing legitimate needs that.
             return self.error_response(GatewayError(400, "Invalid characters in the request path.", code="invalid_path"))
@@ -134,6 +139,16 @@ class Gateway:
         if handler is not None or path.startswith("/admin/") or path == "/admin":
             return await self.run_admin(request, path, handler)
         return self.error_response(GatewayError(404, f"Unknown route {request.method} {path}.", code="unknown_url"))
+
+    def _normalized_path(self, raw_path: str) -> str:
+        """`normalize_path`, or `_UNSAFE`; remembered for the few distinct paths clients send."""
+        path = normalize_path(raw_path)
+        if _UNSAFE_PATH.search(path):
+            path = _UNSAFE
+        if len(self._paths) >= _PATH_MEMO_SIZE:
+            self._paths.clear()
+        self._paths[raw_path] = path
+        return path
 
     async def ready(self, _request: web.Request) -> web.Response:
         checks: dict[str, Any] = {}
