@@ -41,6 +41,8 @@ __all__ = [
 GENESIS = "0" * 64  # `prev` of the first record of a log
 
 _encode = msgspec.json.Encoder(order="sorted").encode
+_encode_as_declared = msgspec.json.Encoder().encode
+_METHOD_MEMBER = b',"method":'
 _decode = msgspec.json.Decoder().decode
 
 
@@ -75,8 +77,11 @@ def mac_ok(key: bytes, line: bytes, record: dict[str, Any]) -> bool:
 
 
 def seal(record: dict[str, Any] | msgspec.Struct, seq: int, prev: str, key: bytes | None) -> bytes:
-    """Give `record` (a dict, or a Struct with ``seq``, ``prev`` and ``mac`` fields that omits
-    `msgspec.UNSET` ones) its place in the chain and return its line (without newline)."""
+    """Give `record` its place in the chain and return its line (without newline).
+
+    `record` is a dict, or a Struct with ``seq``, ``prev`` and ``mac`` fields whose fields are
+    declared in sorted order and hold nothing that needs sorting (``audit_record.RequestRecord``):
+    it is encoded as declared, `msgspec.UNSET` fields left out."""
     if isinstance(record, dict):
         record["seq"] = seq
         record["prev"] = prev
@@ -85,9 +90,18 @@ def seal(record: dict[str, Any] | msgspec.Struct, seq: int, prev: str, key: byte
             record["mac"] = record_mac(key, record)
         return _encode(record)
     record.seq, record.prev, record.mac = seq, prev, msgspec.UNSET  # type: ignore[attr-defined]
-    if key is not None:
-        record.mac = hmac.new(key, _encode(record), hashlib.sha256).hexdigest()  # type: ignore[attr-defined]
-    return _encode(record)
+    line = _encode_as_declared(record)
+    if key is None:
+        return line
+    mac = hmac.new(key, line, hashlib.sha256).hexdigest()
+    record.mac = mac  # type: ignore[attr-defined]
+    # The mac signs the line without its member, so it is spliced in rather than encoded again:
+    # ``"mac"`` sorts right before ``"method"``, which every record has; only when an object value
+    # holds a ``"method"`` key too is the line encoded again instead.
+    at = line.find(_METHOD_MEMBER)
+    if line.find(_METHOD_MEMBER, at + 1) != -1:
+        return _encode_as_declared(record)
+    return b"%s,\"mac\":\"%s\"%s" % (line[:at], mac.encode(), line[at:])
 
 
 # ------------------------------------------------------------------ files

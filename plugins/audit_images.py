@@ -74,6 +74,8 @@ def b64decode(text: str | bytes) -> bytes | None:
 
 def analyze_json_body(body: bytes) -> ImageFacts:
     """Facts about the ``data[].b64_json`` images of an ImagesResponse body."""
+    if body.find(b'"b64_json"') < 0 and body.find(b"\\u") < 0:  # no image bytes (URL answers): nothing to decode
+        return ImageFacts([], [])
     try:
         response = _decode_response(body)
     except msgspec.DecodeError:

@@ -31,9 +31,18 @@ log = get_logger("gatekeeper.audit")
 
 IMAGE_ROUTES = frozenset({"images/generations", "images/edits", "images/variations"})
 PARAM_NAMES = ("size", "quality", "n", "output_format", "background")
+_SORTED_PARAM_NAMES = tuple(sorted(PARAM_NAMES))
 _FILE_PARTS = ("image", "image[]", "mask")
+_NESTED = frozenset({dict, list})
+RECENT_FACTS_MAX = 256  # request bodies whose facts are remembered ...
+RECENT_FACTS_MAX_BODY = 16 * 1024  # ... when no larger than this
+
+_JsonFacts = tuple[dict[str, Any] | msgspec.Raw, str | None, str | None, list[str] | None]
+_recent_json_facts: dict[bytes, _JsonFacts] = {}
+_encode_sorted = msgspec.json.Encoder(order="sorted").encode
 
 
+_MILLIS = tuple(f"{millis:03d}Z" for millis in range(1000))
 _formatted_second: tuple[int, str] = (-1, "")  # (second, its text): formatting a date per record costs 2 us
 
 
@@ -45,13 +54,13 @@ def iso_time(epoch: float) -> str:
     if second != known:
         text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
         _formatted_second = (second, text)
-    return f"{text}{millis:03d}Z"
+    return text + _MILLIS[millis]
 
 
 class RequestFacts(msgspec.Struct, kw_only=True, gc=False):
     """What was asked: parameters, the prompt's hash (and text) and input image hashes."""
 
-    params: dict[str, Any] | None = None
+    params: dict[str, Any] | msgspec.Raw | None = None
     prompt_sha256: str | None = None
     prompt: str | None = None
     input_image_sha256: list[str] | None = None
@@ -74,11 +83,16 @@ def _reference_sha256(reference: Any) -> str | None:
     return _sha256(value.encode("utf-8", "surrogatepass"))
 
 
-def json_facts(body: dict[str, Any], log_prompts: bool) -> RequestFacts:
-    """What a JSON image request asked for."""
-    get = body.get  # PARAM_NAMES, spelt out: a comprehension costs a frame per record
-    params = {"size": get("size"), "quality": get("quality"), "n": get("n"),
-              "output_format": get("output_format"), "background": get("background")}
+def _json_parts(body: dict[str, Any]) -> _JsonFacts:
+    """The params, prompt, prompt hash and input image hashes of a JSON image request."""
+    get = body.get  # PARAM_NAMES, spelt out and in sorted order: the line keeps this key order
+    params: dict[str, Any] | msgspec.Raw = {
+        "background": get("background"), "n": get("n"), "output_format": get("output_format"),
+        "quality": get("quality"), "size": get("size")}
+    for value in params.values():  # type: ignore[union-attr]
+        if type(value) in _NESTED:  # an object sent as a parameter: its keys need sorting too
+            params = msgspec.Raw(_encode_sorted(params))
+            break
     prompt = get("prompt")
     if not isinstance(prompt, str):
         prompt = None
@@ -87,12 +101,34 @@ def json_facts(body: dict[str, Any], log_prompts: bool) -> RequestFacts:
     if isinstance(images, list) or "mask" in body:
         references = [*(images if isinstance(images, list) else ()), get("mask")]
         input_hashes = [h for h in map(_reference_sha256, references) if h is not None]
+    prompt_sha256 = _sha256(prompt.encode("utf-8", "surrogatepass")) if prompt is not None else None
+    return params, prompt_sha256, prompt, input_hashes
+
+
+def json_facts(body: dict[str, Any], log_prompts: bool) -> RequestFacts:
+    """What a JSON image request asked for."""
+    params, prompt_sha256, prompt, input_hashes = _json_parts(body)
     return RequestFacts(
         params=params,
-        prompt_sha256=_sha256(prompt.encode("utf-8", "surrogatepass")) if prompt is not None else None,
+        prompt_sha256=prompt_sha256,
         prompt=prompt if log_prompts else None,
         input_image_sha256=input_hashes,
     )
+
+
+def _json_facts_of(body: bytes, document: dict[str, Any]) -> _JsonFacts:
+    """`_json_parts` of `document`, decoded from `body`; remembered for the bodies seen last, so a
+    request sent again (what a cache hit usually is) costs one dict lookup. Writer thread only."""
+    if type(body) is not bytes:
+        return _json_parts(document)
+    known = _recent_json_facts.get(body)
+    if known is None:
+        known = _json_parts(document)
+        if len(body) <= RECENT_FACTS_MAX_BODY:
+            if len(_recent_json_facts) >= RECENT_FACTS_MAX:
+                _recent_json_facts.clear()
+            _recent_json_facts[body] = known
+    return known
 
 
 def normalized_input_hashes(flow: Flow) -> list[str] | None:
@@ -110,7 +146,7 @@ def _form_facts(flow: Flow, facts: RequestFacts, log_prompts: bool) -> None:
         parts = parse_form(flow.headers.get("content-type", ""), flow.body)
     except GatewayError:
         return
-    params: dict[str, Any] = dict.fromkeys(PARAM_NAMES)
+    params: dict[str, Any] = dict.fromkeys(_SORTED_PARAM_NAMES)
     known = normalized_input_hashes(flow)
     images: list[str] = []
     masks: list[str] = []
@@ -158,15 +194,24 @@ def _request_of(flow: Flow, log_prompts: bool) -> RequestFacts | dict[str, Any]:
 _NO_FACTS = RequestFacts()  # shared, never changed: nothing was asked that a record keeps
 
 
-class RequestRecord(msgspec.Struct, omit_defaults=True, gc=False):
-    """One request's audit line: the fields pinned in issue 8 (sorted here as in the line).
+class RequestRecord(msgspec.Struct, gc=False):
+    """One request's audit line: the fields pinned in issue 8.
 
     `capture` makes it on the event loop from plain reads of the flow, and `complete` fills in the
     rest in the writer thread (the times as text, what the request asked) from the underscored
     fields, which it then unsets: `UNSET` fields are never encoded, so neither are `prompt` and
     `mac` unless they are set. Reading the flow is all the event loop pays for a record.
+
+    The fields are declared in sorted order and `complete` leaves nothing unsorted inside them
+    (objects from the request or the upstream become `msgspec.Raw` canonical JSON), so encoding
+    the struct field by field already gives the canonical line: no sorting per record.
     """
 
+    _body: bytes | UnsetType  # the request body as sent: the key to facts already read from it
+    _ended: float | UnsetType
+    _log_prompts: bool | UnsetType
+    _request: Any  # RequestFacts, or the JSON body to read them from
+    _started: float | UnsetType
     attempts: int
     c2pa: list[bool] | None
     cache: str | None
@@ -176,15 +221,17 @@ class RequestRecord(msgspec.Struct, omit_defaults=True, gc=False):
     input_image_sha256: list[str] | None
     key_id: str | None
     latency_ms: float
+    mac: str | UnsetType  # only with an HMAC key
     method: str
     model: str | None
     openai_organization: str | None
     openai_project: str | None
     outcome: str | None
     output_image_sha256: list[str] | None
-    params: dict[str, Any] | None
+    params: dict[str, Any] | msgspec.Raw | None
     path: str
     prev: str
+    prompt: str | None | UnsetType  # only with log_prompts
     prompt_sha256: str | None
     request_id: str
     saved_usd: Decimal | None
@@ -196,13 +243,7 @@ class RequestRecord(msgspec.Struct, omit_defaults=True, gc=False):
     type: str
     upstream: str | None
     upstream_request_id: str | None
-    usage: dict[str, Any] | None
-    prompt: str | None | UnsetType = UNSET  # only with log_prompts
-    mac: str | UnsetType = UNSET  # only with an HMAC key
-    _started: float | UnsetType = UNSET
-    _ended: float | UnsetType = UNSET
-    _request: Any = UNSET  # RequestFacts, or the JSON body to read them from
-    _log_prompts: bool | UnsetType = UNSET
+    usage: dict[str, Any] | msgspec.Raw | None
 
 
 def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | None,
@@ -211,6 +252,11 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
     body then. Positional arguments, in field order: keywords cost 20 times as much here."""
     principal = flow.principal
     return RequestRecord(
+        flow.body,  # _body
+        flow.time_end or flow.time_start,  # _ended
+        log_prompts,  # _log_prompts
+        facts if facts is not None else _request_of(flow, log_prompts),  # _request
+        flow.time_start,  # _started
         flow.attempts,  # attempts
         images.get("c2pa") if images else None,  # c2pa
         flow.cache_status,  # cache
@@ -220,6 +266,7 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
         None,  # input_image_sha256
         principal.key_id if principal else None,  # key_id
         flow.elapsed_ms,  # latency_ms
+        UNSET,  # mac
         flow.method,  # method
         _model(flow),  # model
         flow.openai_organization,  # openai_organization
@@ -229,6 +276,7 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
         None,  # params
         flow.path,  # path
         "",  # prev
+        UNSET,  # prompt
         None,  # prompt_sha256
         flow.request_id,  # request_id
         flow.saved_usd,  # saved_usd
@@ -241,12 +289,6 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
         flow.upstream_name,  # upstream
         flow.upstream_request_id,  # upstream_request_id
         flow.usage,  # usage
-        UNSET,  # prompt
-        UNSET,  # mac
-        flow.time_start,  # _started
-        flow.time_end or flow.time_start,  # _ended
-        facts if facts is not None else _request_of(flow, log_prompts),  # _request
-        log_prompts,  # _log_prompts
     )
 
 
@@ -261,20 +303,32 @@ def complete(record: RequestRecord) -> RequestRecord:
     if record._started is UNSET:
         return record
     request, log_prompts = record._request, record._log_prompts is True
+    if log_prompts:
+        record.prompt = None
     try:
-        facts = request if isinstance(request, RequestFacts) else json_facts(request, log_prompts)
+        if type(request) is dict:
+            params, prompt_sha256, prompt, input_hashes = _json_facts_of(record._body, request)  # type: ignore[arg-type]
+            record.params, record.prompt_sha256, record.input_image_sha256 = params, prompt_sha256, input_hashes
+            if log_prompts:
+                record.prompt = prompt
+        elif isinstance(request, RequestFacts):
+            record.params = request.params
+            record.prompt_sha256 = request.prompt_sha256
+            record.input_image_sha256 = request.input_image_sha256
+            if log_prompts:
+                record.prompt = request.prompt
     except Exception:  # a parse problem must never cost the record itself
         log.exception("audit could not read the request", request_id=record.request_id)
-        facts = _NO_FACTS
     record.time_start = iso_time(record._started)
     record.time_end = iso_time(record._ended)
-    record.latency_ms = round(record.latency_ms, 3)
-    record.params = facts.params
-    record.prompt_sha256 = facts.prompt_sha256
-    record.input_image_sha256 = facts.input_image_sha256
-    if log_prompts:
-        record.prompt = facts.prompt
-    record._started = record._ended = record._request = record._log_prompts = UNSET
+    record.latency_ms = int(record.latency_ms * 1000.0 + 0.5) / 1000.0  # to the microsecond; round() costs 3x
+    usage = record.usage
+    if usage is not None:
+        try:
+            record.usage = msgspec.Raw(_encode_sorted(usage))
+        except (TypeError, ValueError, msgspec.EncodeError):
+            pass  # left as it is: the seal replaces the record by one that says why
+    record._body = record._started = record._ended = record._request = record._log_prompts = UNSET
     return record
 
 

@@ -62,9 +62,11 @@ class AuditUnavailable(Exception):
     """The record could not be made durable (the log is broken, or closed)."""
 
 
-@dataclass(slots=True, eq=False)  # entries compare by identity
-class _Entry:
-    record: Record
+@dataclass(slots=True, eq=False)  # groups compare by identity
+class _Group:
+    """Records queued together: written in order, and answered together once the last is written."""
+
+    records: list[Record]
     future: concurrent.futures.Future[int] | None
     retain: bool
     enqueued: float
@@ -88,21 +90,14 @@ def _as_record(line: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _seal_or_explain(record: Record, seq: int, prev: str, key: bytes | None) -> bytes:
-    """Seal `record`; one that can't be encoded (a plugin put an odd value on the flow) is replaced
-    by a record saying so, rather than stalling the chain or vanishing."""
-    try:
-        return seal(record, seq, prev, key)
-    except (TypeError, ValueError, msgspec.EncodeError) as error:
-        log.error("audit record could not be encoded", request_id=_field(record, "request_id"), error=repr(error))
-        stand_in = {"type": _field(record, "type") or "request", "request_id": _field(record, "request_id"),
-                    "time_start": _field(record, "time_start"), "time_end": _field(record, "time_end"),
-                    "error": f"audit record could not be encoded: {error!r}"[:500]}
-        return seal(stand_in, seq, prev, key)
-
-
-def _record_of(entry: _Entry) -> Record:
-    return complete(entry.record) if isinstance(entry.record, RequestRecord) else entry.record
+def _seal_stand_in(record: Record, seq: int, prev: str, key: bytes | None, error: Exception) -> bytes:
+    """The line of a record that can't be encoded (a plugin put an odd value on the flow): a record
+    saying so takes its place, rather than the chain stalling or the record vanishing."""
+    log.error("audit record could not be encoded", request_id=_field(record, "request_id"), error=repr(error))
+    stand_in = {"type": _field(record, "type") or "request", "request_id": _field(record, "request_id"),
+                "time_start": _field(record, "time_start"), "time_end": _field(record, "time_end"),
+                "error": f"audit record could not be encoded: {error!r}"[:500]}
+    return seal(stand_in, seq, prev, key)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -154,7 +149,8 @@ class AuditLog:
         self._fd: int | None = None
         self._size = 0
         self._needs_cut = False
-        self._pending: list[_Entry] = []  # written from the front, a batch at a time
+        self._pending: list[_Group] = []  # written from the front, a batch at a time
+        self._pending_records = 0  # records in `_pending`
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -180,8 +176,9 @@ class AuditLog:
                 break
         recovery.extend(self._check_checkpoint())
         self._open_live()
-        for record in recovery:
-            self._pending.append(_Entry(record, None, True, time.monotonic()))
+        if recovery:
+            self._pending.append(_Group(list(recovery), None, True, time.monotonic()))
+            self._pending_records = len(recovery)
         self._thread = threading.Thread(target=self._run, name="gatekeeper-audit-writer", daemon=True)
         self._thread.start()
 
@@ -194,7 +191,7 @@ class AuditLog:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout + 5.0)
-        lost = len(self._pending)
+        lost = self._pending_records
         if lost:
             log.error("audit records could not be written before shutdown", lost=lost, error=self.broken)
         if self._fd is not None:
@@ -206,7 +203,7 @@ class AuditLog:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._pending_records
 
     # ------------------------------------------------------------ submitting
 
@@ -216,9 +213,9 @@ class AuditLog:
         return self.submit_group([record], retain=retain)
 
     def submit_group(self, records: list[Record], *, retain: bool = True) -> concurrent.futures.Future[int]:
-        """Queue `records` with one wake-up of the writer and one future for them all: it resolves
-        with the seq of the last once that is written (they share a write and an fsync), or fails
-        with `AuditUnavailable`. With `retain`, failed records stay queued."""
+        """Queue `records` (the list is handed over) with one wake-up of the writer and one future
+        for them all: it resolves with the seq of the last once that is written (they share a write
+        and an fsync), or fails with `AuditUnavailable`. With `retain`, failed records stay queued."""
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         if not records:
             future.set_result(self.seq)
@@ -231,34 +228,39 @@ class AuditLog:
             if self.broken and not retain:
                 future.set_exception(AuditUnavailable(self.broken))
                 return future
-            if len(self._pending) + len(records) > MAX_PENDING:
+            if self._pending_records + len(records) > MAX_PENDING:
                 self.dropped += len(records)
                 self._dropped_in_outage += len(records)
                 log.error("audit queue full: records dropped", request_ids=[_field(r, "request_id") for r in records],
                           dropped=self.dropped, error=self.broken)
                 future.set_exception(AuditUnavailable("the audit queue is full"))
                 return future
-            now = time.monotonic()
-            self._pending.extend(_Entry(record, None, retain, now) for record in records)
-            self._pending[-1].future = future  # answered when the last of them is written, or fails
+            self._pending.append(_Group(records, future, retain, time.monotonic()))
+            self._pending_records += len(records)
             self._cond.notify()
         return future
 
     def add_batch(self, records: list[RequestRecord], since: float) -> None:
-        """Queue records captured since monotonic time `since` (``batch`` mode), with no waiter and
-        one wake-up of the writer for the lot: a wake-up costs more CPU than a record. The writer
-        completes, seals and writes them together."""
+        """Queue records captured since monotonic time `since` (``batch`` mode; the list is handed
+        over), with no waiter and one wake-up of the writer for the lot: a wake-up costs more CPU
+        than a record. The writer completes, seals and writes them together."""
+        if not records:
+            return
         with self._cond:
             if self._stopping and not self._thread_alive():
                 log.error("audit records submitted after close", lost=len(records))
                 return
-            room = max(MAX_PENDING - len(self._pending), 0)
+            room = max(MAX_PENDING - self._pending_records, 0)
             if len(records) > room:
                 lost = len(records) - room
                 self.dropped += lost
                 self._dropped_in_outage += lost
                 log.error("audit queue full: records dropped", lost=lost, dropped=self.dropped, error=self.broken)
-            self._pending.extend(_Entry(record, None, True, since) for record in records[:room])
+                records = records[:room]
+                if not records:
+                    return
+            self._pending.append(_Group(records, None, True, since))
+            self._pending_records += len(records)
             self._cond.notify()
 
     def _thread_alive(self) -> bool:
@@ -278,7 +280,7 @@ class AuditLog:
                 log.exception("audit writer failed unexpectedly")
                 self._fail(OSError(errno.EIO, f"audit writer error: {error!r}"))
 
-    def _next_batch(self) -> list[_Entry] | None:
+    def _next_batch(self) -> list[_Group] | None:
         """Wait (holding the condition) until there is something to write; None means stop."""
         while True:
             now = time.monotonic()
@@ -295,25 +297,49 @@ class AuditLog:
                 continue
             if self.fsync_mode == "batch" and not self._stopping:
                 remaining = self._pending[0].enqueued + BATCH_WINDOW_S - now
-                if len(self._pending) < BATCH_MAX_RECORDS and remaining > 0:
+                if self._pending_records < BATCH_MAX_RECORDS and remaining > 0:
                     self._cond.wait(remaining)
                     continue
-                return self._pending[:BATCH_MAX_RECORDS]
+                return self._first_records(BATCH_MAX_RECORDS)
             return list(self._pending)
 
-    def _flush(self, batch: list[_Entry]) -> None:
-        records = [_record_of(entry) for entry in batch]
+    def _first_records(self, limit: int) -> list[_Group]:
+        """The groups at the front holding at most `limit` records; a first group holding more is
+        split, and only its first `limit` records go now (the others keep its waiter)."""
+        batch: list[_Group] = []
+        count = 0
+        for group in self._pending:
+            count += len(group.records)
+            if count > limit:
+                if not batch:
+                    head = _Group(group.records[:limit], None, group.retain, group.enqueued)
+                    del group.records[:limit]
+                    self._pending.insert(0, head)
+                    batch.append(head)
+                break
+            batch.append(group)
+        return batch
+
+    def _flush(self, batch: list[_Group]) -> None:
+        records = [complete(record) if type(record) is RequestRecord else record
+                   for group in batch for record in group.records]
+        written = len(records)
         if self.broken:
             records.insert(0, self._outage_record())
         seq, prev = self.seq, self.head
         lines = []
         sha256 = hashlib.sha256  # line_hash, inlined: this loop runs for every record
+        key = self.key
         for record in records:
             seq += 1
-            line = _seal_or_explain(record, seq, prev, self.key)
+            try:
+                line = seal(record, seq, prev, key)
+            except (TypeError, ValueError, msgspec.EncodeError) as error:
+                line = _seal_stand_in(record, seq, prev, key, error)
             prev = sha256(line).hexdigest()
             lines.append(line)
-        data = b"\n".join(lines) + b"\n"
+        lines.append(b"")  # the last newline
+        data = b"\n".join(lines)
         try:
             self._prepare_file()
             self._append(data)
@@ -330,12 +356,13 @@ class AuditLog:
             self._retry_delay = RETRY_FIRST_S
             self._dropped_in_outage = 0
             del self._pending[: len(batch)]
-        for entry in batch:
-            if entry.future is not None and not entry.future.done():
+            self._pending_records -= written
+        for group in batch:
+            if group.future is not None and not group.future.done():
                 try:
-                    entry.future.set_result(_field(entry.record, "seq"))
+                    group.future.set_result(_field(group.records[-1], "seq"))
                 except concurrent.futures.InvalidStateError:
-                    pass  # the waiter was cancelled (client gone); the record is written all the same
+                    pass  # the waiter was cancelled (client gone); the records are written all the same
         checkpointed = self.last_checkpoint.seq if self.last_checkpoint else 0
         if self.seq // self.checkpoint_every > checkpointed // self.checkpoint_every:
             self._write_checkpoint()
@@ -363,7 +390,7 @@ class AuditLog:
                 self._broken_since = time.monotonic()
                 self._failed_attempts = 0
                 log.error("audit log write failed: records are held and retried", error=described,
-                          pending=len(self._pending))
+                          pending=self._pending_records)
             self.broken = described
             self._failed_attempts += 1
             self._retry_at = time.monotonic() + self._retry_delay
@@ -371,15 +398,16 @@ class AuditLog:
             # Every waiter learns now, not at the next attempt: records that may not wait (their
             # request fails in their place) leave the queue, the others stay for the retry.
             waiting = list(self._pending)
-            self._pending = [entry for entry in waiting if entry.retain]
-        for entry in waiting:
-            if entry.future is not None and not entry.future.done():
+            self._pending = [group for group in waiting if group.retain]
+            self._pending_records = sum(len(group.records) for group in self._pending)
+        for group in waiting:
+            if group.future is not None and not group.future.done():
                 try:
-                    entry.future.set_exception(AuditUnavailable(described))
+                    group.future.set_exception(AuditUnavailable(described))
                 except concurrent.futures.InvalidStateError:
                     pass
-            if entry.retain:
-                entry.future = None  # its waiter has its answer; the record itself stays queued
+            if group.retain:
+                group.future = None  # its waiter has its answer; the records themselves stay queued
 
     # ------------------------------------------------------------ file operations
 

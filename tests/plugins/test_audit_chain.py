@@ -9,13 +9,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from gatekeeper.cli import main
+from gatekeeper.flow import Flow, Principal
 from gatekeeper_plugins.audit_chain import GENESIS, Checkpoint, encode_canonical, line_hash
+from gatekeeper_plugins.audit_record import capture
 from gatekeeper_plugins.audit_writer import AuditLog
 
 KEY = b"audit-test-key-0123456789abcdef"
@@ -340,6 +345,74 @@ def test_a_record_that_cannot_be_encoded_is_replaced_by_one_that_says_so(log_pat
     audit_log.submit({"type": "request", "request_id": "next"}).result(timeout=5)
     audit_log.close()
     records = [json.loads(line) for line in lines_of(log_path)]
+    assert records[0]["request_id"] == "odd"
+    assert records[0]["error"].startswith("audit record could not be encoded")
+    assert records[1]["request_id"] == "next"
+    assert verify(capsys, str(log_path))[0] == 0
+
+
+# ------------------------------------------------------------------ request records
+
+
+def request_flow(body: dict[str, Any], *, usage: Any = None, request_id: str = "req_1") -> Flow:
+    """A finished flow as the pipeline leaves it, for `capture`."""
+    request = make_mocked_request("POST", "/v1/images/generations", headers={"content-type": "application/json"})
+    flow = Flow(request, request_id, "/v1/images/generations", json.dumps(body).encode())
+    flow.principal = Principal(key_id="key-1", tenant="acme")
+    flow.status, flow.outcome, flow.cache_status = 200, "ok", "MISS"
+    flow.usage, flow.cost_usd = usage, Decimal("0.042490")
+    flow.annotations = {"output_image_sha256": ["ab" * 32], "c2pa": [True]}
+    flow.time_end = flow.time_start + 0.25
+    return flow
+
+
+def write_request_records(path: Path, flows: list[Flow], *, key: bytes | None = None,
+                          log_prompts: bool = False) -> list[bytes]:
+    audit_log = AuditLog(path, fsync="batch", key=key)
+    audit_log.open()
+    audit_log.add_batch([capture(flow, None, flow.annotations, None, log_prompts) for flow in flows], 0.0)
+    audit_log.close()
+    return [line.rstrip(b"\n") for line in lines_of(path)]
+
+
+ODD_BODIES = [
+    {"model": "gpt-image-1", "prompt": "a fox", "size": "1024x1024", "n": 1},
+    {"model": "gpt-image-1", "prompt": "ünïcödé \u2028 \"quoted\"", "quality": {"z": 1, "a": [{"y": 2, "b": 3}]}},
+    {"prompt": "a fox", "size": {"method": "GET", "prev": "", "seq": 0}},
+]
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "hmac"])
+@pytest.mark.parametrize("log_prompts", [False, True], ids=["hash-only", "log-prompts"])
+def test_request_records_are_canonical_json_and_verify(log_path, key, log_prompts, capsys, monkeypatch):
+    usage = {"total_tokens": 3, "input_tokens_details": {"text_tokens": 1, "image_tokens": 0}, "method": "x"}
+    flows = [request_flow(body, usage=usage if i else None, request_id=f"req_{i}") for i, body in enumerate(ODD_BODIES)]
+    lines = write_request_records(log_path, flows, key=key, log_prompts=log_prompts)
+    for line, body in zip(lines, ODD_BODIES):
+        record = json.loads(line)
+        assert encode_canonical(record) == line, "keys sorted at every depth, no whitespace"
+        assert record["params"] == {name: body.get(name) for name in ("size", "quality", "n", "output_format",
+                                                                        "background")}
+        assert record["prompt_sha256"] == hashlib.sha256(body["prompt"].encode()).hexdigest()
+        assert ("prompt" in record) == log_prompts
+        assert ("mac" in record) == (key is not None)
+    if key is not None:
+        monkeypatch.setenv("GATEKEEPER_AUDIT_KEY", KEY.decode())
+    assert verify(capsys, str(log_path))[0] == 0
+
+
+def test_a_request_sent_again_gets_the_same_facts(log_path):
+    body = {"model": "gpt-image-1", "prompt": "the same fox", "size": "1024x1024"}
+    lines = write_request_records(log_path, [request_flow(body, request_id=f"req_{i}") for i in range(3)])
+    records = [json.loads(line) for line in lines]
+    assert len({(r["prompt_sha256"], json.dumps(r["params"])) for r in records}) == 1
+    assert records[0]["prompt_sha256"] == hashlib.sha256(b"the same fox").hexdigest()
+
+
+def test_a_request_record_with_usage_that_cannot_be_encoded_is_replaced(log_path, capsys):
+    flows = [request_flow({"prompt": "odd"}, usage={"tokens": object()}, request_id="odd"),
+             request_flow({"prompt": "next"}, request_id="next")]
+    records = [json.loads(line) for line in write_request_records(log_path, flows)]
     assert records[0]["request_id"] == "odd"
     assert records[0]["error"].startswith("audit record could not be encoded")
     assert records[1]["request_id"] == "next"

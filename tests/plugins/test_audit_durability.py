@@ -137,7 +137,8 @@ async def test_in_batch_mode_a_record_is_on_disk_within_the_window_without_a_shu
         await asyncio.sleep(0.005)
 
 
-def test_batch_mode_fsyncs_at_most_every_100_records(audit_path):
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "one-group"])
+def test_batch_mode_fsyncs_at_most_every_100_records(audit_path, together):
     audit_log = AuditLog(audit_path, fsync="batch")
     per_fsync: list[int] = []
     lines_since_fsync = 0
@@ -155,9 +156,12 @@ def test_batch_mode_fsyncs_at_most_every_100_records(audit_path):
 
     audit_log.write_fn, audit_log.fsync_fn = counting_write, counting_fsync
     audit_log.open()
-    futures = [audit_log.submit({"type": "request", "request_id": f"req_{i}"}) for i in range(250)]
-    for future in futures:
-        future.result(timeout=10)
+    records = [{"type": "request", "request_id": f"req_{i}"} for i in range(250)]
+    if together:
+        assert audit_log.submit_group(records).result(timeout=10) == 250
+    else:
+        for future in [audit_log.submit(record) for record in records]:
+            future.result(timeout=10)
     audit_log.close()
     assert sum(per_fsync) == 250
     assert max(per_fsync) <= BATCH_MAX_RECORDS
