@@ -210,7 +210,7 @@ class RequestRecord(msgspec.Struct, gc=False):
     _body: bytes | UnsetType  # the request body as sent: the key to facts already read from it
     _ended: float | UnsetType
     _log_prompts: bool | UnsetType
-    _request: Any  # RequestFacts, or the JSON body to read them from
+    _request: Any  # RequestFacts, the JSON body to read them from, or what was read from the same body lately
     _started: float | UnsetType
     attempts: int
     c2pa: list[bool] | None
@@ -251,11 +251,17 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
     """The record of `flow`, to be completed by `complete`; `facts` None: read them from the flow's
     body then. Positional arguments, in field order: keywords cost 20 times as much here."""
     principal = flow.principal
+    request: Any = facts
+    if request is None:
+        request = _request_of(flow, log_prompts)
+        if type(request) is dict and type(flow.body) is bytes:
+            # A body sent lately (a cache hit, usually): its facts now, while the body is in the CPU cache.
+            request = _recent_json_facts.get(flow.body, request)
     return RequestRecord(
         flow.body,  # _body
         flow.time_end or flow.time_start,  # _ended
         log_prompts,  # _log_prompts
-        facts if facts is not None else _request_of(flow, log_prompts),  # _request
+        request,  # _request
         flow.time_start,  # _started
         flow.attempts,  # attempts
         images.get("c2pa") if images else None,  # c2pa
@@ -306,8 +312,9 @@ def complete(record: RequestRecord) -> RequestRecord:
     if log_prompts:
         record.prompt = None
     try:
-        if type(request) is dict:
-            params, prompt_sha256, prompt, input_hashes = _json_facts_of(record._body, request)  # type: ignore[arg-type]
+        if type(request) is tuple or type(request) is dict:
+            params, prompt_sha256, prompt, input_hashes = (
+                request if type(request) is tuple else _json_facts_of(record._body, request))  # type: ignore[arg-type]
             record.params, record.prompt_sha256, record.input_image_sha256 = params, prompt_sha256, input_hashes
             if log_prompts:
                 record.prompt = prompt
