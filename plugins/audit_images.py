@@ -34,7 +34,7 @@ class ImageFacts(msgspec.Struct):
 
 
 class _Item(msgspec.Struct):
-    b64_json: str | None = None
+    b64_json: msgspec.Raw = msgspec.Raw()  # the value's JSON text: a 2 MB image is not copied into a str
 
 
 class _ImagesResponse(msgspec.Struct):
@@ -47,6 +47,7 @@ class _StreamEvent(msgspec.Struct):
 
 
 _decode_response = msgspec.json.Decoder(_ImagesResponse).decode
+_decode_value = msgspec.json.Decoder(str | None).decode
 _decode_event = msgspec.json.Decoder(_StreamEvent).decode
 
 
@@ -78,15 +79,30 @@ def analyze_json_body(body: bytes) -> ImageFacts:
         return ImageFacts([], [])
     try:
         response = _decode_response(body)
-    except msgspec.DecodeError:
-        return ImageFacts([], [])
-    images = []
-    for item in response.data or ():
-        if item.b64_json:
-            decoded = b64decode(item.b64_json)
+        images = []
+        for item in response.data or ():
+            decoded = _b64_json_image(item.b64_json)
             if decoded is not None:
                 images.append(decoded)
+    except msgspec.DecodeError:  # not JSON, or a b64_json that isn't a string
+        return ImageFacts([], [])
     return _facts(images)
+
+
+def _b64_json_image(raw: msgspec.Raw) -> bytes | None:
+    """The image of one ``b64_json`` value (its JSON text), None for null, empty or not base64.
+    Strict base64 between the quotes is decoded straight from the body's bytes (such a string has
+    no escapes, so it reads the same); anything else is decoded as JSON first, then as before."""
+    text = memoryview(raw)
+    if len(text) > 2 and text[0] == 0x22 and text[-1] == 0x22:
+        try:
+            return pybase64.b64decode(text[1:-1], validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    if not text:
+        return None
+    value = _decode_value(text)
+    return b64decode(value) if value else None
 
 
 def analyze_sse_body(body: bytes) -> ImageFacts:

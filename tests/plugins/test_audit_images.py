@@ -64,6 +64,22 @@ def test_base64_wrapped_in_lines_hashes_the_same_bytes():
     assert analyze_json_body(body).sha256 == [sha(image)]
 
 
+def test_json_escapes_in_the_base64_read_the_same_bytes():
+    image = png_bytes("escaped") + bytes(range(256)) * 4  # enough bytes for a "/" in the base64
+    encoded = b64(image)
+    assert "/" in encoded
+    body = b'{"data":[{"b64_json":"' + encoded.replace("/", "\\/").encode() + b'"}]}'
+    assert analyze_json_body(body).sha256 == [sha(image)]
+
+
+def test_null_and_empty_images_are_skipped_and_a_non_string_one_spoils_the_body():
+    image = png_bytes("kept")
+    body = msgspec.json.encode({"data": [{"b64_json": None}, {"b64_json": ""}, {"b64_json": b64(image)}]})
+    assert analyze_json_body(body).sha256 == [sha(image)]
+    odd = msgspec.json.encode({"data": [{"b64_json": b64(image)}, {"b64_json": 5}]})
+    assert analyze_json_body(odd).sha256 == []
+
+
 def test_url_responses_yield_no_image_hashes():
     body = msgspec.json.encode({"created": 1, "data": [{"url": "https://example.invalid/a.png"}]})
     assert analyze_json_body(body).sha256 == []
