@@ -16,6 +16,7 @@ import asyncio
 import sys
 import time
 from decimal import Decimal
+from time import perf_counter
 from typing import Any
 
 import msgspec
@@ -72,9 +73,9 @@ _NO_TOKENS = (None,) * 7
 class _Priced:
     """The tokens in one `usage` and what they cost on one model, rounded once (see `Plugin._priced`)."""
 
-    __slots__ = ("tokens", "columns", "micros", "hit_micros")
+    __slots__ = ("tokens", "columns", "micros", "hit_micros", "label")
 
-    def __init__(self, tokens: Tokens | None, exact: Decimal | None, hit_fraction: Decimal) -> None:
+    def __init__(self, tokens: Tokens | None, exact: Decimal | None, hit_fraction: Decimal, label: str) -> None:
         self.tokens = tokens
         # The token columns of a usage row, in table order (input_tokens ... output_image_tokens).
         self.columns = _NO_TOKENS if tokens is None else (
@@ -82,6 +83,7 @@ class _Priced:
             tokens.text_cached + tokens.image_cached, tokens.text_output, tokens.image_output)
         self.micros = None if exact is None else round_micros(exact)  # None: no tokens, or no price
         self.hit_micros = None if exact is None else round_micros(exact * hit_fraction)
+        self.label = label  # the model's metrics label
 
 
 class _Measured(msgspec.Struct):
@@ -125,6 +127,8 @@ class Plugin:
         self.prices = PriceBook(settings.prices)
         self.hit_fraction = settings.cache_hit_cost_fraction
         self._priced_memo: dict[tuple[str | None, bool, bytes], _Priced] = {}
+        # By the identity of a `usage` object (kept alive by the entry): every hit of one cache entry shares it.
+        self._priced_by_id: dict[tuple[int, str | None, bool], tuple[dict[str, Any], _Priced]] = {}
         self.default_estimate = round_micros(settings.default_estimate_usd * 1_000_000)
 
     def describe(self) -> str:
@@ -256,7 +260,7 @@ class Plugin:
     @hookimpl
     def before_forward(self, flow: Flow) -> None:
         """Refuse a request whose estimated cost would pass its tenant's or key's monthly budget."""
-        if not self.ledger or flow.route not in METERED_ROUTES or not self.ledger.scopes_for(flow.principal):
+        if not self.ledger.limits or flow.route not in METERED_ROUTES or not self.ledger.scopes_for(flow.principal):
             return
         estimate = estimate_micros(flow.route, self._facts(flow), self.prices, self.default_estimate)
         try:
@@ -356,7 +360,7 @@ class Plugin:
         model = note.get("model") or self._model(flow)
         images = note.get("images")
         if flow.usage:
-            priced = self._priced(model, flow.usage, flow.route in IMAGE_ROUTES)
+            priced = self._priced_hit(model, flow.usage, flow.route in IMAGE_ROUTES)
             if priced.tokens is not None:
                 if priced.micros is None:
                     self._warn_unpriced(model)
@@ -418,10 +422,23 @@ class Plugin:
         if priced is None:
             tokens = tokens_from_usage(usage, image_route)
             exact = None if tokens is None else self.prices.token_cost(model, tokens)
-            priced = _Priced(tokens, exact, self.hit_fraction)
+            priced = _Priced(tokens, exact, self.hit_fraction, self._model_label(model))
             if len(self._priced_memo) >= _PRICED_MEMO_SIZE:
                 self._priced_memo.clear()
             self._priced_memo[key] = priced
+        return priced
+
+    def _priced_hit(self, model: str | None, usage: dict[str, Any], image_route: bool) -> _Priced:
+        """`_priced` for the usage a cache hit restored: the memory cache hands every hit of an
+        entry the same object, found here without encoding it."""
+        key = (id(usage), model, image_route)
+        known = self._priced_by_id.get(key)
+        if known is not None and known[0] is usage:
+            return known[1]
+        priced = self._priced(model, usage, image_route)
+        if len(self._priced_by_id) >= _PRICED_MEMO_SIZE:
+            self._priced_by_id.clear()
+        self._priced_by_id[key] = (usage, priced)  # holding `usage` keeps its id from being reused
         return priced
 
     def _image_cost(self, flow: Flow, model: str | None, images: int | None) -> Decimal | None:
@@ -465,46 +482,48 @@ class Plugin:
 
     def _record(self, flow: Flow, measured: _Measured) -> None:
         principal = flow.principal
-        tenant = principal.tenant if principal else None
-        key_id = principal.key_id if principal else None
+        if principal is not None:
+            tenant, key_id, labels = principal.tenant, principal.key_id, principal.labels
+        else:
+            tenant = key_id = None
+            labels = {}
         hit = flow.outcome == Outcome.CACHE_HIT
         priced = measured.priced
-        elapsed_ms = flow.elapsed_ms
+        cost_micros = measured.cost_micros
+        response = flow.response
+        stream = response is not None and response.is_event_stream
+        elapsed_ms = (perf_counter() - flow.started) * 1000.0
         # Positional, in `UsageRow` field order: one row per request, so the cheapest call.
         row = UsageRow(
-            flow.request_id, flow.time_start, tenant, key_id, principal.labels if principal else {}, measured.model,
-            flow.route, flow.status, flow.outcome, hit,
-            bool(flow.response is not None and flow.response.is_event_stream), measured.unmetered,
-            *(priced.columns if priced is not None else _NO_TOKENS),
-            measured.images, measured.cost_micros, measured.saved_micros, flow.upstream_request_id,
-            round(elapsed_ms, 3))
-        if measured.cost_micros and self.ledger:
-            self.ledger.record(tenant, key_id, measured.cost_micros)
+            flow.request_id, flow.time_start, tenant, key_id, labels, measured.model, flow.route, flow.status,
+            flow.outcome, hit, stream, measured.unmetered, *(priced.columns if priced is not None else _NO_TOKENS),
+            measured.images, cost_micros, measured.saved_micros, flow.upstream_request_id, round(elapsed_ms, 3))
+        if cost_micros and self.ledger.limits:
+            self.ledger.record(tenant, key_id, cost_micros)
         if self.writer is not None:
             self.writer.add(row)
-        if self.metrics is not None:
-            self._observe_metrics(flow, row, None if hit or priced is None else priced.tokens, elapsed_ms)
-
-    def _observe_metrics(self, flow: Flow, row: UsageRow, upstream_tokens: Tokens | None, elapsed_ms: float) -> None:
         metrics = self.metrics
-        assert metrics is not None
-        series = metrics.series(row.tenant or "none", self._model_label(row.model), row.status or 0,
-                                flow.cache_status)
+        if metrics is None:
+            return
+        label = priced.label if priced is not None else self._model_label(measured.model)
+        series = metrics.series(tenant or "none", label, flow.status or 0, flow.cache_status)
         series.requests += 1
-        if row.cost_micros:
-            series.cost_micros += row.cost_micros
-        if row.saved_micros:
-            series.saved_micros += row.saved_micros
-        if upstream_tokens is not None:
-            counts = series.tokens
-            counts[0] += upstream_tokens.text_input + upstream_tokens.text_cached
-            counts[1] += upstream_tokens.image_input + upstream_tokens.image_cached
-            counts[2] += upstream_tokens.text_output
-            counts[3] += upstream_tokens.image_output
+        if cost_micros:
+            series.cost_micros += cost_micros
+        if measured.saved_micros:
+            series.saved_micros += measured.saved_micros
+        if hit:
+            return
+        if priced is not None and priced.tokens is not None:
+            tokens, counts = priced.tokens, series.tokens
+            counts[0] += tokens.text_input + tokens.text_cached
+            counts[1] += tokens.image_input + tokens.image_cached
+            counts[2] += tokens.text_output
+            counts[3] += tokens.image_output
         latency = flow.upstream_latency_s
-        if latency is not None and not row.cache_hit:
-            metrics.upstream_latency.observe(series.model, latency)
-            if not row.stream:
+        if latency is not None:
+            metrics.upstream_latency.observe(label, latency)
+            if not stream:
                 metrics.overhead.observe(flow.route, max(elapsed_ms / 1000 - latency, 0.0))
 
 
