@@ -4,36 +4,51 @@ One row per metered request. Both backends take rows in batches (`insert`), answ
 month-to-date spend that budgets start from (`spent_since`) and the grouped sums that reports
 print (`report`). Money is stored as integer micro-dollars (``cost_micros``, ``saved_micros``);
 ``cost_micros`` is NULL when the model has no price. Timestamps are UTC.
+
+SQLite rows are inserted on the event loop through a plain `sqlite3` connection of their own, a
+few short statements per batch: handing each batch to a database thread cost several times more
+CPU than the insert itself (the thread and the busy loop take Python's GIL from each other). That
+connection never waits: its busy timeout is 0 (a locked file fails the batch, which the writer
+retries), and it never checkpoints, as a checkpoint fsyncs. Checkpoints, reads and reports run
+on the aiosqlite connection's thread.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
 import re
 import sqlite3
 import time
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
+from gatekeeper.logs import get_logger
+
 __all__ = [
     "GROUPS",
     "ReportQuery",
+    "StoreBusy",
     "UsageRow",
     "UsageStore",
     "store_for_url",
 ]
+
+log = get_logger("gatekeeper.metering")
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 LABEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 GROUPS = ("tenant", "model", "key", "day")  # plus "label.NAME"
 
 _encode_json = msgspec.json.Encoder().encode
+
+
+class StoreBusy(Exception):
+    """Another connection holds the database's write lock: the batch was not written; try it again later."""
 
 
 class UsageRow(msgspec.Struct):
@@ -99,24 +114,26 @@ def _utc_text(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-@lru_cache(maxsize=16)
-def _second_text(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+_formatted_second: tuple[int, str] = (-1, "")  # rows come in bursts of the same second
 
 
 def _epoch_text(when: float) -> str:
-    """`_utc_text` of an epoch time, rounded as `datetime.fromtimestamp` rounds it.
-
-    The date and time of day are formatted once per second (rows come in bursts of the same second).
-    """
-    fraction, whole = math.modf(when)
-    micros = round(fraction * 1_000_000)
+    """`_utc_text` of an epoch time, rounded as `datetime.fromtimestamp` rounds it."""
+    global _formatted_second
+    whole = int(when)
+    micros = round((when - whole) * 1_000_000)
     if micros == 1_000_000:
         whole, micros = whole + 1, 0
-    return f"{_second_text(int(whole))}.{micros:06d}Z"
+    second, text = _formatted_second
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+        _formatted_second = (whole, text)
+    return f"{text}{micros:06d}Z"
 
 
-_MAX_ROWS_PER_INSERT = 1024  # compiled, the 11 statement sizes up to it take about 6 MB
+_MAX_ROWS_PER_INSERT = 64  # one statement holds the event loop for about 0.2 ms
+_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_CHECKPOINT_ROWS = 8192  # about the 1000 WAL pages after which SQLite would checkpoint by itself
 
 
 def _rows_per_insert() -> int:
@@ -188,8 +205,12 @@ class SqliteStore:
         self.path = path
         self.table = table
         self._db: Any = None
+        self._opened_path = path
+        self._writer: sqlite3.Connection | None = None  # used on the event loop only
         self._rows_per_insert = _rows_per_insert()
         self._insert_sql: dict[int, str] = {}  # by rows per statement
+        self._rows_since_checkpoint = 0
+        self._checkpoint: asyncio.Task[None] | None = None
 
     async def open(self, create: bool = True) -> None:
         import aiosqlite
@@ -200,7 +221,7 @@ class SqliteStore:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             elif not Path(path).exists():
                 path = ":memory:"  # nothing recorded yet: report on an empty database, create no file
-        # Autocommit: a batch that fits one INSERT is a transaction of its own, one call to the database thread.
+        self._opened_path = path
         self._db = await aiosqlite.connect(path, timeout=30.0, isolation_level=None)
         statements = ["PRAGMA busy_timeout = 30000"]
         if create:
@@ -223,35 +244,92 @@ class SqliteStore:
             await (await self._db.execute(statement)).close()
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()  # not the last connection: closing it neither checkpoints nor syncs
+            self._writer = None
+        if self._checkpoint is not None:
+            await self._checkpoint
+            self._checkpoint = None
         if self._db is not None:
             await self._db.close()
             self._db = None
 
-    async def insert(self, rows: list[UsageRow]) -> None:
-        # A batch is one INSERT (or a few in one transaction), never `executemany`: each time the
-        # database thread takes the GIL back from the busy event loop costs more CPU than a row. A
-        # statement takes a power-of-two number of rows, so SQLite compiles (costlier than running
-        # it) at most 11 of them: a batch is padded with repeats of its last row, which
-        # INSERT OR IGNORE skips as request_id is the primary key.
+    def _loop_writer(self) -> sqlite3.Connection | None:
+        """The connection that inserts on the event loop; None when the database is not a WAL file."""
+        if self._writer is None and self._opened_path != ":memory:":
+            connection = sqlite3.connect(self._opened_path, timeout=0, isolation_level=None)
+            # Per connection: commits append to the WAL without an fsync, and never checkpoint here.
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
+            if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                connection.close()
+                self._opened_path = ":memory:"  # every commit would sync: insert on the database thread
+                return None
+            self._writer = connection
+        return self._writer
+
+    def _batch(self, rows: list[UsageRow]) -> tuple[str, list[Any]]:
+        """One INSERT of `rows` (at most `_rows_per_insert`) and its values.
+
+        A statement takes a power-of-two number of rows, so SQLite compiles (costlier than running
+        it) at most 7 of them: the rows are padded with repeats of the last one, which INSERT OR
+        IGNORE skips as request_id is the primary key.
+        """
+        values: list[Any] = []
+        labels: Any = None
+        labels_text = ""
+        for row in rows:
+            if row.labels is not labels:  # a key's rows share its labels
+                labels = row.labels
+                labels_text = _encode_json(labels).decode()
+            values += _sqlite_values(row, labels_text)
+        size = 1 << (len(rows) - 1).bit_length()
         width = len(COLUMNS)
-        statements = []
-        for start in range(0, len(rows), self._rows_per_insert):
-            chunk = rows[start:start + self._rows_per_insert]
-            values: list[Any] = []
-            for row in chunk:
-                values += _sqlite_values(row)
-            size = 1 << (len(chunk) - 1).bit_length()
-            values += values[-width:] * (size - len(chunk))
-            statements.append((self._statement(size), values))
+        values += values[-width:] * (size - len(rows))
+        return self._statement(size), values
+
+    async def insert(self, rows: list[UsageRow]) -> None:
+        writer = self._loop_writer()
+        if writer is None:
+            await self._insert_on_thread(rows)
+            return
+        step = self._rows_per_insert
         try:
-            if len(statements) > 1:
-                await self._db.execute("BEGIN")
-            for sql, values in statements:
-                await self._db.execute(sql, values)
-            if self._db.in_transaction:
-                await self._db.execute("COMMIT")
+            writer.execute("BEGIN IMMEDIATE")
+            for start in range(0, len(rows), step):
+                if start:
+                    await asyncio.sleep(0)  # serve requests between statements
+                writer.execute(*self._batch(rows[start:start + step]))
+            writer.execute("COMMIT")
+        except BaseException as error:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")  # never leave a failed batch's transaction holding the file
+            if isinstance(error, sqlite3.OperationalError) and error.sqlite_errorcode & 0xFF in _LOCKED:
+                raise StoreBusy(str(error)) from error
+            raise
+        self._rows_since_checkpoint += len(rows)
+        if self._rows_since_checkpoint >= _CHECKPOINT_ROWS and self._checkpoint is None:
+            self._rows_since_checkpoint = 0
+            self._checkpoint = asyncio.get_running_loop().create_task(self._run_checkpoint())
+
+    async def _run_checkpoint(self) -> None:
+        """Copy the WAL into the database file on the aiosqlite thread (this is where the fsync is)."""
+        try:
+            await self._db.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as error:  # the next one will try again
+            log.warning("metering could not checkpoint the SQLite WAL", error=repr(error))
+        finally:
+            self._checkpoint = None
+
+    async def _insert_on_thread(self, rows: list[UsageRow]) -> None:
+        step = self._rows_per_insert
+        try:
+            await self._db.execute("BEGIN")
+            for start in range(0, len(rows), step):
+                await self._db.execute(*self._batch(rows[start:start + step]))
+            await self._db.execute("COMMIT")
         except BaseException:
-            await self._db.rollback()  # never leave a failed batch's transaction holding the file
+            await self._db.rollback()
             raise
 
     def _statement(self, rows: int) -> str:
@@ -374,14 +452,12 @@ def _row_values(row: UsageRow, ts: Any, labels: str) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def _sqlite_values(row: UsageRow) -> list[Any]:
+def _sqlite_values(row: UsageRow, labels: str) -> tuple[Any, ...]:
     """A row's values as SQLite binds them fastest: the flags as 0/1, since sqlite3 looks up an
     adapter for every value that is not exactly an int, float or str (a bool costs 10 times an int)."""
-    values = list(msgspec.structs.astuple(row))
-    values[1] = _epoch_text(row.time)
-    values[4] = _encode_json(row.labels).decode()
-    values[9:12] = (1 if row.cache_hit else 0, 1 if row.stream else 0, 1 if row.unmetered else 0)
-    return values
+    v = msgspec.structs.astuple(row)
+    return (v[0], _epoch_text(v[1]), v[2], v[3], labels, v[5], v[6], v[7], v[8],
+            1 if v[9] else 0, 1 if v[10] else 0, 1 if v[11] else 0) + v[12:]
 
 
 def store_for_url(database: str, table: str, schema: str | None = None, pool_size: int = 4,

@@ -2,7 +2,8 @@
 
 `add` only appends to a deque, so recording a request never waits for a database. The task
 writes whenever ``batch_rows`` rows are waiting or ``flush_interval_ms`` has passed, whichever
-comes first. A failed write puts its rows back and is retried on the next tick; the queue is
+comes first. A failed write puts its rows back and is retried on the next tick (quietly when
+the store was only busy: SQLite never waits for a lock on the event loop); the queue is
 bounded by ``max_queue_rows`` (the oldest rows are dropped past it, and counted). `close`
 writes everything still queued, so a graceful shutdown loses nothing.
 """
@@ -14,11 +15,13 @@ from collections import deque
 from collections.abc import Callable
 
 from gatekeeper.logs import get_logger
-from gatekeeper_plugins.metering_store import UsageRow, UsageStore
+from gatekeeper_plugins.metering_store import StoreBusy, UsageRow, UsageStore
 
 __all__ = ["BatchWriter"]
 
 log = get_logger("gatekeeper.metering")
+
+_BUSY_WARN_EVERY = 40  # failed attempts on a locked database: about 10 s at the default interval
 
 
 class BatchWriter:
@@ -37,6 +40,7 @@ class BatchWriter:
         self.written = 0
         self.dropped = 0
         self.last_error: str | None = None
+        self._busy_attempts = 0
         self._on_drop = on_drop
         self._wake = asyncio.Event()
         self._stopping = False
@@ -79,16 +83,24 @@ class BatchWriter:
                 batch = [queue.popleft() for _ in range(min(self.batch_rows, len(queue)))]
                 try:
                     await self.store.insert(batch)
-                except Exception as error:  # the database is away: keep the rows, retry next tick
+                except Exception as error:  # keep the rows, retry next tick
                     queue.extendleft(reversed(batch))
-                    if self.last_error != repr(error):
-                        log.error("metering could not write usage rows; will retry", error=repr(error),
-                                  queued=len(queue))
-                    self.last_error = repr(error)
+                    self._failed(error)
                     return False
                 self.written += len(batch)
                 self.last_error = None
+                self._busy_attempts = 0
             return True
+
+    def _failed(self, error: Exception) -> None:
+        if isinstance(error, StoreBusy):  # another process is writing: a retry will get through
+            self._busy_attempts += 1
+            if self._busy_attempts % _BUSY_WARN_EVERY == 0:
+                log.warning("metering's database stays locked by another process; will retry",
+                            attempts=self._busy_attempts, queued=len(self.queue))
+        elif self.last_error != repr(error):  # the database is away
+            log.error("metering could not write usage rows; will retry", error=repr(error), queued=len(self.queue))
+        self.last_error = repr(error)
 
     async def close(self, attempts: int = 3) -> None:
         """Stop the task and write everything still queued."""

@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -77,6 +78,49 @@ async def test_rows_survive_a_database_outage_and_are_written_when_it_returns(us
     await restored.close()
     assert await writer.flush() is True
     assert len(await usage_rows(usage_db)) == 1
+
+
+async def test_a_locked_sqlite_file_fails_the_batch_at_once_and_a_later_flush_writes_it(tmp_path, gateway_kit):
+    # Rows are inserted on the event loop, which must never wait for another process's lock.
+    storage = {"database": f"sqlite:///{tmp_path}/usage.db", "table": "usage"}
+    gateway = await gateway_kit.start(gateway_config(storage, flush_interval_ms=60_000))
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=DESIGN_KEY, max_retries=0) as client:
+        await generate(client)
+    writer = metering_plugin(gateway).writer
+    other = sqlite3.connect(tmp_path / "usage.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        assert await writer.flush() is False
+        assert time.monotonic() - started < 1.0
+        assert len(writer.queue) == 1 and "locked" in writer.last_error
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert await writer.flush() is True
+    assert len(await usage_rows(storage)) == 1
+
+
+async def test_sqlite_rows_reach_the_database_file_through_checkpoints_run_off_the_loop(tmp_path):
+    # The connection that inserts on the event loop never checkpoints (a checkpoint fsyncs);
+    # the store runs checkpoints on its database thread instead, so the WAL does not grow forever.
+    database = tmp_path / "usage.db"
+    store = store_for_url(f"sqlite:///{database}", "usage")
+    await store.open(create=True)
+    try:
+        empty = database.stat().st_size
+        for batch in range(10):
+            await store.insert([UsageRow(
+                request_id=f"req-{batch}-{index:04d}", time=time.time(), tenant="design", key_id="key-design",
+                labels={}, model="gpt-image-1.5", route="images/generations", status=200, outcome="ok",
+                cache_hit=False, stream=False, unmetered=False, cost_micros=index) for index in range(1000)])
+        for _ in range(100):
+            if database.stat().st_size > empty + 1_000_000:
+                break
+            await asyncio.sleep(0.05)
+        assert database.stat().st_size > empty + 1_000_000
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize("count", [1, 3, 1000, 2500])
