@@ -185,6 +185,21 @@ async def test_idle_keep_alive_survives_but_a_stalled_second_request_head_is_cut
     writer.close()
 
 
+async def test_a_head_that_stalls_after_quick_requests_gets_its_own_full_timeout(gateway_kit):
+    gateway = await gateway_kit.start({"server": {"header_timeout_s": 0.5}})
+    reader, writer = await asyncio.open_connection(*host_port(gateway))
+    for _ in range(3):  # requests in quick succession, the last 0.3 s after the connect
+        writer.write(b"GET /health HTTP/1.1\r\nHost: gk\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        await reader.readexactly(len(b'{"status": "ok"}'))
+        await asyncio.sleep(0.1)
+    writer.write(b"GET /health HTTP/1.1\r\nHo")  # stalls 0.4 s after the connect
+    started = time.monotonic()
+    assert await closed_by_server(reader, 2)
+    assert 0.45 <= time.monotonic() - started <= 0.7  # not at the connection's first deadline (0.5 s after connect)
+    writer.close()
+
+
 async def test_slow_post_body_gets_408_at_the_body_timeout(gateway_kit, fake_upstream):
     gateway = await gateway_kit.start({"server": {"body_timeout_s": 0.5}})
     reader, writer = await asyncio.open_connection(*host_port(gateway))
