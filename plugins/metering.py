@@ -380,7 +380,8 @@ class Plugin:
         if scanner is not None:
             usage, response_model = scanner.usage, scanner.model
         else:
-            summary = summarize_json(flow.response_body) if flow.response_body else None
+            body = flow.response_body
+            summary = summarize_json(body, skim=flow.route in IMAGE_ROUTES) if body else None
             usage = summary.usage if summary else None
             response_model = summary.model if summary else None
             if summary is not None and flow.route in IMAGE_ROUTES:

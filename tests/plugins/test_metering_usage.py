@@ -141,3 +141,34 @@ def test_a_json_body_is_summarised_without_its_images():
     summary = summarize_json(body)
     assert (summary.usage, summary.model, summary.items) == ({"input_tokens": 6}, "m", 2)
     assert summarize_json(b"not json") is None and summarize_json(b"[1, 2]") is None
+
+
+def test_a_large_images_body_is_skimmed_to_the_same_summary_msgspec_decodes():
+    # Skimming finds the members by structure (a base64 string's end by one find); the escaped
+    # quotes and backslashes in a revised prompt must not end a string early.
+    body = msgspec.json.encode({
+        "created": 1, "data": [{"b64_json": BIG_B64, "revised_prompt": 'a "quoted" fox \\ "}]'},
+                               {"b64_json": BIG_B64}],
+        "background": "opaque", "size": "1024x1024", "usage": {"input_tokens": 6, "output_tokens": 1056},
+        "model": "gpt-image-1.5"}, order="deterministic")
+    skimmed = summarize_json(b" " + body.replace(b",", b", ") + b"\n", skim=True)
+    assert skimmed == summarize_json(body)
+    assert (skimmed.usage, skimmed.model, skimmed.items) == ({"input_tokens": 6, "output_tokens": 1056},
+                                                             "gpt-image-1.5", 2)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"data": [{"b64_json": "' + BIG_B64.encode(),  # cut short
+    b'{"data": [{"b64_json": "' + BIG_B64.encode() + b'"}], "usage": {"input_tokens": 1}} trailing',
+    b'{"data": [1, {"b64_json": "' + BIG_B64.encode() + b'"}], "usage": {"input_tokens": 1}}',
+    b'{"data": [{"b64_json": "' + BIG_B64.encode() + b'"}], "usage": "many"}',
+    b'{"data": [{"b64_json": "' + BIG_B64.encode() + b'"}], "usage": [1], "usage": {"input_tokens": 1}}',
+])
+def test_a_large_images_body_msgspec_would_refuse_is_no_summary(body):
+    assert summarize_json(body) is None
+    assert summarize_json(body, skim=True) is None
+
+
+def test_a_large_images_body_with_an_escaped_key_is_read_by_msgspec():
+    body = b'{"data": [{"b64_json": "' + BIG_B64.encode() + b'"}], "us\\u0061ge": {"input_tokens": 3}}'
+    assert summarize_json(body, skim=True).usage == {"input_tokens": 3}
