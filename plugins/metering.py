@@ -268,7 +268,7 @@ class Plugin:
         except OverBudget as over:
             kind, name = over.scope
             if self.metrics is not None:
-                self.metrics.budget_refusals.labels(kind, name).inc()
+                self.metrics.child(self.metrics.budget_refusals, kind, name).inc()
             raise GatewayError(
                 429,
                 f"The {kind} {name!r} has used ${format_usd(over.committed_micros)} of its "
@@ -455,7 +455,7 @@ class Plugin:
     def _warn_unpriced(self, model: str | None) -> None:
         name = model or "(none)"
         if self.metrics is not None:
-            self.metrics.unpriced.labels(self._model_label(model)).inc()
+            self.metrics.child(self.metrics.unpriced, self._model_label(model)).inc()
         now = time.monotonic()
         if now - self._warned.get(name, -_WARN_EVERY_S) >= _WARN_EVERY_S:
             if len(self._warned) > 1000:
@@ -466,7 +466,7 @@ class Plugin:
 
     def _count_unmetered(self, flow: Flow, reason: str) -> None:
         if self.metrics is not None:
-            self.metrics.unmetered.labels(reason).inc()
+            self.metrics.child(self.metrics.unmetered, reason).inc()
         if reason == "stream_without_usage":
             now = time.monotonic()
             if now - self._warned.get("\0unmetered", -_WARN_EVERY_S) >= _WARN_EVERY_S:

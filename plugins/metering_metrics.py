@@ -132,6 +132,7 @@ class MeteringMetrics:
 
     def __init__(self, registry: CollectorRegistry, gateway: Gateway | None = None) -> None:
         self._series: dict[tuple[str, str, int, str | None], RequestSeries] = {}
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         registry.register(_RequestCollector(self._series))
         self.unpriced = Counter(
             "gatekeeper_unpriced_requests", "Requests whose model has no price: tokens recorded, cost unknown.",
@@ -156,6 +157,14 @@ class MeteringMetrics:
         self.in_flight = Gauge("gatekeeper_in_flight_requests", "Requests being served right now.", registry=registry)
         if gateway is not None:
             self.in_flight.set_function(lambda: gateway.in_flight)
+
+    def child(self, counter: Counter, *values: str) -> Counter:
+        """`counter.labels(*values)`, looked up once per label values (each `labels` call takes a lock)."""
+        key = (counter, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = counter.labels(*values)
+        return found
 
     def series(self, tenant: str, model: str, status: int, cache: str | None) -> RequestSeries:
         """The counts of one kind of request, to add to: one dict lookup per request."""
