@@ -48,6 +48,8 @@ class _StreamEvent(msgspec.Struct):
 
 _decode_response = msgspec.json.Decoder(_ImagesResponse).decode
 _decode_value = msgspec.json.Decoder(str | None).decode
+_B64_JSON_KEY = b'"b64_json":"'
+_NUMBER_STARTS = frozenset(b"-0123456789"[i : i + 1] for i in range(11))
 _decode_event = msgspec.json.Decoder(_StreamEvent).decode
 
 
@@ -78,15 +80,63 @@ def analyze_json_body(body: bytes) -> ImageFacts:
     if body.find(b'"b64_json"') < 0 and body.find(b"\\u") < 0:  # no image bytes (URL answers): nothing to decode
         return ImageFacts([], [])
     try:
-        response = _decode_response(body)
         images = []
-        for item in response.data or ():
-            decoded = _b64_json_image(item.b64_json)
+        for text in _b64_json_texts(body):
+            decoded = _b64_json_image(text)
             if decoded is not None:
                 images.append(decoded)
-    except msgspec.DecodeError:  # not JSON, or a b64_json that isn't a string
+    except (msgspec.DecodeError, UnicodeDecodeError):  # not JSON (or not UTF-8), or a b64_json that isn't a string
         return ImageFacts([], [])
     return _facts(images)
+
+
+def _b64_json_texts(body: bytes) -> list[memoryview]:
+    """The JSON text of each ``data[].b64_json`` value, in order.
+
+    The base64 strings are found with memchr-speed searches and numbered in their place, so the
+    JSON decoder reads a skeleton of a few hundred bytes rather than scanning megabytes (0.4 ms
+    holding the GIL per 1.5 MB). Exact: outside a string every ``"b64_json":"`` is a key (quotes
+    inside strings are escaped), and the cut strings are used only when the data items hold their
+    numbers 0, 1, 2 ... and nothing else numeric; otherwise (escapes, other b64_json keys, odd
+    values) the whole body is decoded, as before."""
+    view = memoryview(body)
+    spans = _b64_json_spans(body)
+    if spans:
+        pieces: list[bytes | memoryview] = []
+        previous = 0
+        for number, (start, end) in enumerate(spans):
+            pieces += (view[previous : start - 1], b"%d" % number)
+            previous = end + 1
+        pieces.append(view[previous:])
+        texts = [memoryview(item.b64_json) for item in _decode_response(b"".join(pieces)).data or ()]
+        numbered = [_is_number(text) for text in texts]
+        if [bytes(text) for text, number in zip(texts, numbered) if number] == [b"%d" % n for n in range(len(spans))]:
+            cut = iter(spans)
+            return [view[slice(*_with_quotes(next(cut)))] if number else text for text, number in zip(texts, numbered)]
+    return [memoryview(item.b64_json) for item in _decode_response(body).data or ()]
+
+
+def _b64_json_spans(body: bytes) -> list[tuple[int, int]] | None:
+    """Where the contents of the ``"b64_json":"…"`` strings of `body` lie; None when one holds a
+    backslash (an escape: the JSON decoder reads those)."""
+    spans = []
+    at = body.find(_B64_JSON_KEY)
+    while at >= 0:
+        start = at + len(_B64_JSON_KEY)
+        end = body.find(b'"', start)
+        if end < 0 or body.find(b"\\", start, end) >= 0:
+            return None
+        spans.append((start, end))
+        at = body.find(_B64_JSON_KEY, end + 1)
+    return spans
+
+
+def _is_number(text: memoryview) -> bool:
+    return bytes(text[:1]) in _NUMBER_STARTS
+
+
+def _with_quotes(span: tuple[int, int]) -> tuple[int, int]:
+    return span[0] - 1, span[1] + 1
 
 
 def _b64_json_image(raw: msgspec.Raw) -> bytes | None:
@@ -114,7 +164,7 @@ def analyze_sse_body(body: bytes) -> ImageFacts:
             continue
         try:
             event = _decode_event(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             continue
         if event.type.endswith(".completed") and event.b64_json:
             decoded = b64decode(event.b64_json)

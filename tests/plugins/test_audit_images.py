@@ -80,6 +80,22 @@ def test_null_and_empty_images_are_skipped_and_a_non_string_one_spoils_the_body(
     assert analyze_json_body(odd).sha256 == []
 
 
+def test_only_the_data_items_images_are_hashed_wherever_b64_json_appears():
+    first, second = png_bytes("first"), png_bytes("second", c2pa=True)
+    elsewhere = msgspec.json.encode({"meta": {"b64_json": b64(first)}, "data": [{"b64_json": b64(second)}]})
+    assert analyze_json_body(elsewhere).sha256 == [sha(second)]
+    spaced = ('{"data":[{"b64_json" : "", "n":1},{"b64_json":"%s"}],"z":{"b64_json":"%s"}}'
+              % (b64(first), b64(second))).encode()
+    assert analyze_json_body(spaced).sha256 == [sha(first)]
+    numbered = ('{"data":[{"b64_json":0},{"b64_json":"%s"}]}' % b64(first)).encode()
+    assert analyze_json_body(numbered).sha256 == []
+
+
+def test_a_body_that_is_not_utf8_yields_no_hashes():
+    body = b'{"data":[{"b64_json":"' + b64(png_bytes("x")).encode() + b'"},{"b64_json":"\xff\xfe"}]}'
+    assert analyze_json_body(body).sha256 == []
+
+
 def test_url_responses_yield_no_image_hashes():
     body = msgspec.json.encode({"created": 1, "data": [{"url": "https://example.invalid/a.png"}]})
     assert analyze_json_body(body).sha256 == []
