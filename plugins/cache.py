@@ -23,7 +23,7 @@ import hashlib
 import inspect
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -40,6 +40,7 @@ from gatekeeper_plugins.cache_flight import FAILED, PASS, Flight, FlightBoard, U
 from gatekeeper_plugins.cache_metrics import CacheCollector
 from gatekeeper_plugins.cache_policy import (
     URL_TTL_CAP_S,
+    RequestControls,
     has_image_url,
     replayed_headers,
     request_controls,
@@ -64,6 +65,7 @@ _HASH_IN_THREAD_BYTES = 1 << 20
 _POLL_FIRST_S = 0.02  # a follower on another replica polls Redis from this interval ...
 _POLL_MAX_S = 0.25  # ... backing off to this one
 _SHUTDOWN_WAIT_S = 10.0
+_KEY_PREFIX_MEMO = 4096  # (method, path, scope) triples whose key prefix is kept encoded
 
 
 class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -135,6 +137,11 @@ class Plugin:
         self.store: MemoryStore | RedisStore = self._make_store(settings)
         self.gateway: Gateway | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._global_scope = settings.scope == "global"
+        self._plain_controls = RequestControls(False, False, settings.ttl_s)  # a request with no cache headers
+        self._key_prefixes: dict[tuple[str, str, str | None], bytes] = {}
+        self._forwarders_seen: list[Any] | None = None
+        self._forwarders_after_me: list[tuple[Callable[..., Any], tuple[str, ...]]] = []
 
     @staticmethod
     def _make_store(settings: CacheConfig) -> MemoryStore | RedisStore:
@@ -201,12 +208,20 @@ class Plugin:
     # ------------------------------------------------------------ lookup
 
     @hookimpl
-    async def cache_lookup(self, flow: Flow) -> GatewayResponse | None:
+    def cache_lookup(self, flow: Flow) -> GatewayResponse | Awaitable[GatewayResponse | None] | None:
         """A stored (or just-fetched, for followers) answer, or None to forward. Stops at first non-None result."""
+        # Not `async def`: with the memory backend a hit, and the miss that opens a flight, need no
+        # await; the dispatcher awaits the coroutine returned for the rest (Redis, a flight to
+        # follow, a body hashed in a thread).
         if flow.method != "POST" or flow.route not in self.routes:
             return None  # not a cacheable route: no x-gatekeeper-cache header at all
-        controls = request_controls(flow.headers, self.settings.ttl_s)
-        if controls.no_store or flow.canonical is None:
+        headers = flow.headers
+        if "cache-control" in headers or "x-gatekeeper-cache-ttl" in headers:
+            controls = request_controls(headers, self.settings.ttl_s)
+        else:
+            controls = self._plain_controls
+        canonical = flow.canonical
+        if controls.no_store or canonical is None:
             if controls.no_store:
                 self.stats.bypasses += 1
                 flow.cache_status = "BYPASS"
@@ -214,18 +229,57 @@ class Plugin:
                 self.stats.misses += 1
                 flow.cache_status = "MISS"
             return None
-        scope_value = None if self.settings.scope == "global" else (flow.principal.tenant if flow.principal else "")
-        key = await self._cache_key(flow, scope_value)
+        scope_value = None if self._global_scope else (flow.principal.tenant if flow.principal else "")
+        prefix = self._key_prefix(flow.method, flow.path, scope_value)
+        if len(canonical) > _HASH_IN_THREAD_BYTES:
+            return self._lookup_hashed_in_thread(flow, prefix, canonical, scope_value, controls)
+        return self._lookup(flow, hashlib.sha256(prefix + canonical).hexdigest(), scope_value, controls)
+
+    def _key_prefix(self, method: str, path: str, scope_value: str | None) -> bytes:
+        """What the key hashes before `flow.canonical`: method, path and scope, one per line."""
+        memo_key = (method, path, scope_value)
+        prefix = self._key_prefixes.get(memo_key)
+        if prefix is None:
+            if len(self._key_prefixes) >= _KEY_PREFIX_MEMO:
+                self._key_prefixes.clear()
+            prefix = f"{method}\n{path}\n{'*' if scope_value is None else 't:' + scope_value}\n".encode()
+            self._key_prefixes[memo_key] = prefix
+        return prefix
+
+    async def _lookup_hashed_in_thread(self, flow: Flow, prefix: bytes, canonical: bytes, scope_value: str | None,
+                                       controls: RequestControls) -> GatewayResponse | None:
+        key = await asyncio.to_thread(lambda: hashlib.sha256(prefix + canonical).hexdigest())
+        result = self._lookup(flow, key, scope_value, controls)
+        return await result if inspect.isawaitable(result) else result
+
+    def _lookup(self, flow: Flow, key: str, scope_value: str | None,
+                controls: RequestControls) -> GatewayResponse | Awaitable[GatewayResponse | None] | None:
         flow.cache_key = key
-        meta = CacheMeta(key, f"{tenant_tag(scope_value)}:{key}", controls.ttl_s)
+        meta = CacheMeta(key, tenant_tag(scope_value) + ":" + key, controls.ttl_s)
         flow.scratch["cache"] = meta
         if controls.no_cache:
             self.stats.bypasses += 1
             flow.cache_status = "BYPASS"
-            if self.board.get(key) is None:
-                await self._lead(meta, wait_for_replicas=False)
             flow.collect_response_body = True
+            if self.board.get(key) is None:
+                if isinstance(self.store, RedisStore):
+                    return self._lead_bypass(meta)
+                self._open_flight(meta)
             return None
+        store = self.store
+        if isinstance(store, RedisStore) or self.board.get(key) is not None:
+            return self._lookup_or_follow(flow, meta)
+        entry = store.get_now(meta.storage_key)
+        if entry is not None:
+            return self._hit(flow, meta, entry)
+        self._open_flight(meta)
+        return self._miss(flow)
+
+    async def _lead_bypass(self, meta: CacheMeta) -> None:
+        await self._lead(meta, wait_for_replicas=False)
+
+    async def _lookup_or_follow(self, flow: Flow, meta: CacheMeta) -> GatewayResponse | None:
+        key = meta.key
         deadline = asyncio.get_running_loop().time() + self.settings.lock_timeout_s
         while True:
             flight = self.board.get(key)
@@ -245,19 +299,12 @@ class Plugin:
                 return self._miss(flow)
             # FAILED: the leader's error is not ours; one of the followers leads next
 
-    async def _cache_key(self, flow: Flow, scope_value: str | None) -> str:
-        prefix = f"{flow.method}\n{flow.path}\n{'*' if scope_value is None else 't:' + scope_value}\n".encode()
-        canonical = flow.canonical or b""
-        if len(canonical) > _HASH_IN_THREAD_BYTES:
-            return await asyncio.to_thread(lambda: hashlib.sha256(prefix + canonical).hexdigest())
-        return hashlib.sha256(prefix + canonical).hexdigest()
-
     def _hit(self, flow: Flow, meta: CacheMeta, entry: Entry) -> GatewayResponse:
         headers = CIMultiDict(entry.headers)
         age = max(0, int(time.time() - entry.created))
         headers["age"] = str(age)
         flow.usage = entry.usage
-        flow.annotations = dict(entry.annotations)
+        flow.annotations = dict(entry.annotations) if entry.annotations else {}
         flow.cache_status = "HIT"
         meta.role = "hit"
         meta.age_s = age
@@ -273,14 +320,18 @@ class Plugin:
         flow.collect_response_body = True
         return None
 
+    def _open_flight(self, meta: CacheMeta) -> Flight:
+        flight = self.board.open(meta.key)
+        meta.flight = flight
+        meta.role = "leader"
+        return flight
+
     async def _lead(self, meta: CacheMeta, *, deadline: float = 0.0, wait_for_replicas: bool = True) -> Entry | None:
         """Open this key's flight; with Redis, take the cross-replica lock or wait for its holder.
 
         Returns an Entry when another replica's leader stored it meanwhile.
         """
-        flight = self.board.open(meta.key)
-        meta.flight = flight
-        meta.role = "leader"
+        flight = self._open_flight(meta)
         if not isinstance(self.store, RedisStore):
             return None
         try:
@@ -322,29 +373,58 @@ class Plugin:
     # ------------------------------------------------------------ the leader's upstream call
 
     @hookimpl
-    async def forward_request(self, flow: Flow) -> GatewayResponse | None:
+    def forward_request(self, flow: Flow) -> Awaitable[GatewayResponse | None] | None:
         """For a leader, run the forwarders after this one in a task of its own. Stops at first non-None result.
 
-        Shielded, so that a leader whose client disconnects can still finish the call for its
-        followers (`exchange_error` decides); other flows are left to the forwarder.
+        The pipeline only waits for that task's answer, so that a leader whose client
+        disconnects can still finish the call for its followers (`exchange_error` decides);
+        other flows are left to the forwarder.
         """
         meta = flow.scratch.get("cache")
         if not isinstance(meta, CacheMeta) or meta.flight is None:
             return None
-        meta.forward_task = asyncio.get_running_loop().create_task(self._forward_after_me(flow))
-        return await asyncio.shield(meta.forward_task)
+        return self._forward_in_task(flow, meta)
 
-    async def _forward_after_me(self, flow: Flow) -> GatewayResponse | None:
+    async def _forward_in_task(self, flow: Flow, meta: CacheMeta) -> GatewayResponse | None:
+        # The task hands its result to `answer` itself: asyncio.shield would wake this flow one
+        # turn of the loop later, through a done callback. A cancelled flow cancels `answer` only.
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[GatewayResponse | None] = loop.create_future()
+        meta.forward_task = loop.create_task(self._forward_after_me(flow, answer))
+        return await answer
+
+    async def _forward_after_me(self, flow: Flow, answer: asyncio.Future[GatewayResponse | None]) -> GatewayResponse | None:
+        try:
+            result = None
+            for function, argnames in self._later_forwarders():
+                result = function(flow) if argnames == ("flow",) else function(*[{"flow": flow}[name] for name in argnames])
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None:
+                    break
+        except BaseException as error:
+            if not answer.done():
+                if isinstance(error, asyncio.CancelledError):
+                    answer.cancel()
+                else:
+                    answer.set_exception(error)
+            task = asyncio.current_task()
+            if task is not None:  # the flow got the error through `answer`: the task's copy is not news
+                task.add_done_callback(_retrieve_error)
+            raise
+        if not answer.done():
+            answer.set_result(result)
+        return result
+
+    def _later_forwarders(self) -> list[tuple[Callable[..., Any], tuple[str, ...]]]:
+        """The `forward_request` impls called after this one, recomputed when the plugins change."""
         assert self.gateway is not None
         impls = self.gateway.hooks.impls("forward_request")
-        position = next(i for i, (function, _) in enumerate(impls) if function == self.forward_request)
-        for function, argnames in impls[position + 1:]:
-            result = function(*[{"flow": flow}[name] for name in argnames])
-            if inspect.isawaitable(result):
-                result = await result
-            if result is not None:
-                return result
-        return None
+        if impls is not self._forwarders_seen:
+            position = next(i for i, (function, _) in enumerate(impls) if function == self.forward_request)
+            self._forwarders_after_me = impls[position + 1:]
+            self._forwarders_seen = impls
+        return self._forwarders_after_me
 
     @hookimpl
     def wrap_response_stream(self, flow: Flow, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes] | None:
@@ -363,10 +443,10 @@ class Plugin:
     # ------------------------------------------------------------ store
 
     @hookimpl(trylast=True)
-    async def exchange_complete(self, flow: Flow) -> None:
+    def exchange_complete(self, flow: Flow) -> None:
         """Store a complete 200 answer (with `flow.usage` and `flow.annotations`) and wake the followers."""
         meta = flow.scratch.get("cache")
-        if not isinstance(meta, CacheMeta) or meta.hit:
+        if not isinstance(meta, CacheMeta) or meta.role == "hit":
             return
         response = flow.response
         body = flow.response_body
@@ -377,7 +457,7 @@ class Plugin:
             if meta.flight is not None:
                 self._end_flight(meta.flight, PASS if flow.status == 200 else FAILED)
             return
-        await self._store(meta, entry, self._ttl(flow.route, meta.ttl_s, body, entry.model))
+        self._store(meta, entry, self._ttl(flow.route, meta.ttl_s, entry.body, entry.model))
 
     def _entry(self, flow: Flow, status: int, headers: CIMultiDict[str], body: bytes,
                usage: dict[str, Any] | None, annotations: dict[str, Any]) -> Entry | None:
@@ -406,11 +486,12 @@ class Plugin:
             return min(ttl_s, URL_TTL_CAP_S)
         return ttl_s
 
-    async def _store(self, meta: CacheMeta, entry: Entry, ttl_s: float) -> None:
+    def _store(self, meta: CacheMeta, entry: Entry, ttl_s: float) -> None:
         keep = ttl_s > 0 and len(entry.body) <= self.settings.max_entry_bytes
         flight = meta.flight
-        if not isinstance(self.store, RedisStore):
-            if keep and await self.store.put(meta.storage_key, entry, ttl_s):
+        store = self.store
+        if not isinstance(store, RedisStore):
+            if keep and store.put_now(meta.storage_key, entry, ttl_s):
                 self.stats.stores += 1
             if flight is not None:
                 self._end_flight(flight, entry)
@@ -530,3 +611,8 @@ class Plugin:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("cache background task failed", error=repr(task.exception()))
+
+
+def _retrieve_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

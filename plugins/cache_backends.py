@@ -12,6 +12,7 @@ msgpack bin field, never as JSON or base64), fast socket timeouts, and a SCAN-ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 from collections import OrderedDict
@@ -51,6 +52,7 @@ def entry_size(entry: Entry) -> int:
     return len(entry.body) + sum(len(name) + len(value) for name, value in entry.headers) + _ENTRY_OVERHEAD_BYTES
 
 
+@functools.lru_cache(maxsize=4096)  # one sha256 per tenant, not one per request
 def tenant_tag(scope_value: str | None) -> str:
     """The key segment entries of one tenant share, so one tenant can be purged alone."""
     if scope_value is None:
@@ -105,6 +107,10 @@ class LRUMemoryCache(BaseCache):
         return True
 
     async def _get(self, key: str, encoding: Any = None, _conn: Any = None) -> Any:
+        return self.get_now(key)
+
+    def get_now(self, key: str) -> Any:
+        """`_get` without a coroutine: the value, or None when absent or expired."""
         slot = self._items.get(key)
         if slot is None:
             return None
@@ -121,6 +127,10 @@ class LRUMemoryCache(BaseCache):
         return [await self._get(key) for key in keys]
 
     async def _set(self, key: str, value: Any, ttl: float | None = None, _cas_token: Any = None, _conn: Any = None) -> bool:
+        return self.set_now(key, value, ttl)
+
+    def set_now(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """`_set` without a coroutine; False when the value is too large to keep."""
         size = self.sizeof(value)
         if size > self.max_entry_bytes:
             return False
@@ -181,12 +191,20 @@ class MemoryStore:
         pass
 
     async def get(self, key: str) -> Entry | None:
-        # Straight to the LRU: aiocache's public get() wraps every call in its enabled, timeout
-        # and plugin layers, a third of a memory hit's cost, for a dict lookup that can't block.
-        return await self.cache._get(key)
+        return self.cache.get_now(key)
 
     async def put(self, key: str, entry: Entry, ttl_s: float) -> bool:
-        return bool(await self.cache._set(key, entry, ttl=ttl_s))
+        return self.cache.set_now(key, entry, ttl_s)
+
+    # Straight to the LRU, and without a coroutine: aiocache's public get() wraps every call in
+    # its enabled, timeout and plugin layers, a third of a memory hit's cost, for a dict lookup
+    # that can't block. The plugin calls these on its fast path.
+
+    def get_now(self, key: str) -> Entry | None:
+        return self.cache.get_now(key)
+
+    def put_now(self, key: str, entry: Entry, ttl_s: float) -> bool:
+        return self.cache.set_now(key, entry, ttl_s)
 
     async def purge(self, prefix: str) -> int:
         return await self.cache.clear(namespace=prefix)

@@ -21,6 +21,7 @@ still wait for the answer.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -104,31 +105,56 @@ class _End:
 
 
 class UpstreamPump:
-    """Reads an upstream body into a small queue from its own task.
+    """Reads an upstream body from its own task into a short queue.
 
     The client side takes chunks with `next`; if it goes away, `drain` (from another task)
-    takes the rest. Nothing is read ahead beyond the queue's few chunks.
+    takes the rest. Nothing is read ahead beyond `read_ahead` chunks. (A deque and two waiter
+    futures: asyncio.Queue's bookkeeping costs more than this needs, once per chunk.)
     """
 
     def __init__(self, chunks: AsyncIterator[bytes], read_ahead: int = 4) -> None:
-        self.queue: asyncio.Queue[bytes | _End] = asyncio.Queue(maxsize=read_ahead)
-        self.task = asyncio.get_running_loop().create_task(self._run(chunks))
+        self.read_ahead = read_ahead
+        self._items: deque[bytes | _End] = deque()
+        self._reader: asyncio.Future[None] | None = None  # `next` waiting for a chunk
+        self._room: asyncio.Future[None] | None = None  # the pump waiting for `next` to take one
+        self._loop = asyncio.get_running_loop()
+        self.task = self._loop.create_task(self._run(chunks))
 
     async def _run(self, chunks: AsyncIterator[bytes]) -> None:
         try:
             async for chunk in chunks:
-                await self.queue.put(chunk)
+                if len(self._items) >= self.read_ahead:
+                    self._room = self._loop.create_future()
+                    await self._room
+                self._push(chunk)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the upstream broke: the reader sees it where the chunk would be
-            await self.queue.put(_End(error))
+            self._push(_End(error))
             return
-        await self.queue.put(_End())
+        self._push(_End())
+
+    def _push(self, item: bytes | _End) -> None:
+        self._items.append(item)
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            if not reader.done():
+                reader.set_result(None)
 
     async def next(self) -> bytes | None:
         """The next chunk, None at the end; raises what the upstream raised."""
-        item = await self.queue.get()
+        if not self._items:
+            self._reader = self._loop.create_future()
+            await self._reader
+        item = self._items.popleft()
+        room = self._room
+        if room is not None:
+            self._room = None
+            if not room.done():
+                room.set_result(None)
         if isinstance(item, _End):
+            self._items.appendleft(item)  # every later call sees the end too
             if item.error is not None:
                 raise item.error
             return None

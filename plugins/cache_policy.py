@@ -75,15 +75,10 @@ def replayed_headers(headers: CIMultiDict[str], upstream_request_id: str | None)
 
     The upstream's ``x-request-id`` is kept; one the gateway filled in (no upstream id) is not.
     """
-    kept = []
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in _NOT_REPLAYED or lower.startswith("x-gatekeeper-"):
-            continue
-        if lower == "x-request-id" and value != upstream_request_id:
-            continue
-        kept.append((str(name), value))  # CIMultiDict names are istr, which msgpack does not know
-    return kept
+    # CIMultiDict names are istr, which msgpack does not know: str(name).
+    return [(str(name), value) for name, value in headers.items()
+            if (lower := name.lower()) not in _NOT_REPLAYED and not lower.startswith("x-gatekeeper-")
+            and (lower != "x-request-id" or value == upstream_request_id)]
 
 
 def has_image_url(body: bytes) -> bool:
