@@ -51,14 +51,15 @@ ERROR_BODY_BYTES = 64 * 1024  # a retryable error body longer than this is not k
 
 def strip_headers(headers: Any, drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
     """Copy headers without the hop-by-hop ones, including those named in `Connection`."""
-    named = set()
-    for value in headers.getall("connection", []):
-        named.update(token.strip().lower() for token in value.split(","))
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower not in drop and lower not in named:
-            out.add(name, value)
+    # Copy all, then delete the few present: a handful of C calls instead of a Python loop
+    # over every header (the order of the rest is kept).
+    out: CIMultiDict[str] = CIMultiDict(headers)
+    for name in headers.getall("connection", ()):
+        for token in name.split(","):
+            out.popall(token.strip(), None)
+    for name in drop:
+        if name in out:
+            del out[name]
     return out
 
 
@@ -268,15 +269,16 @@ class Plugin:
         flow.openai_organization = response.headers.get("openai-organization")
         flow.openai_project = response.headers.get("openai-project")
         media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        event_stream = media_type == "text/event-stream"
         length = response.content_length
         limit = 0
-        if media_type != "text/event-stream":
+        if not event_stream:
             if length is not None and length <= SMALL_BODY_BYTES:
                 limit = SMALL_BODY_BYTES  # small enough for one write
             if media_type.endswith("json"):
                 limit = max(limit, upstream.config.buffer_response_bytes)
         if not limit or (length is not None and length > limit):
-            return GatewayResponse(response.status, headers, chunks=_body_chunks(response, upstream),
+            return GatewayResponse(response.status, headers, chunks=_body_chunks(response, upstream, event_stream=event_stream),
                                    release=response.close)
         try:
             if length is not None:
@@ -377,13 +379,23 @@ async def _read_error_reply(response: aiohttp.ClientResponse) -> ErrorReply:
 
 
 async def _body_chunks(response: aiohttp.ClientResponse, upstream: Upstream,
-                       already_read: list[bytes] | None = None) -> AsyncIterator[bytes]:
-    """The upstream body as it arrives; the connection goes back to the pool only when read in full."""
+                       already_read: list[bytes] | None = None, event_stream: bool = False) -> AsyncIterator[bytes]:
+    """The upstream body as it arrives; the connection goes back to the pool only when read in full.
+
+    An SSE stream is passed on as it is read. Other bodies go piece by piece as the socket
+    delivered them: under load several pieces wait in the buffer, and `iter_any` would first
+    copy them into one (for 1.5 MB of base64, a copy that costs more than the writes it saves).
+    """
     for chunk in already_read or ():
         yield chunk
     try:
-        async for chunk in response.content.iter_any():
-            yield chunk
+        if event_stream:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        else:
+            async for chunk, _ in response.content.iter_chunks():
+                if chunk:  # b"" marks the end of an HTTP chunk
+                    yield chunk
     except (aiohttp.ClientError, asyncio.TimeoutError):
         # A break mid-body counts against the upstream; the pipeline ends the flow as truncated.
         upstream.results["disconnect"] += 1

@@ -26,6 +26,7 @@ __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Router", "Upstream", "Upst
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 _STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+_SERVING_MEMO = 4096  # models whose serving upstreams are remembered
 
 
 class Breaker:
@@ -108,7 +109,7 @@ class Breaker:
 class Upstream:
     """One configured upstream, its breaker and how its attempts went."""
 
-    __slots__ = ("name", "config", "base_url", "breaker", "results")
+    __slots__ = ("name", "config", "base_url", "breaker", "results", "serves_any")
 
     def __init__(self, name: str, config: UpstreamConfig, breaker: Breaker | None = None) -> None:
         self.name = name
@@ -117,10 +118,11 @@ class Upstream:
         self.breaker = breaker or Breaker(config.breaker_failures, config.breaker_cooldown_s)
         # attempts by result: ok, status_<code> (retryable statuses), connect_error, timeout, disconnect
         self.results: Counter[str] = Counter()
+        self.serves_any = "*" in config.models
 
     def serves(self, model: str | None) -> bool:
         # A request without a model (GET /v1/models, ...) may go to any upstream.
-        return model is None or any(fnmatchcase(model, pattern) for pattern in self.config.models)
+        return model is None or self.serves_any or any(fnmatchcase(model, pattern) for pattern in self.config.models)
 
 
 class Router:
@@ -141,6 +143,7 @@ class Router:
             self.upstreams.append(upstream)
         self.by_name = {u.name: u for u in self.upstreams}
         self.rng = rng or random.Random()
+        self._serving: dict[str | None, list[Upstream]] = {}  # by model; the upstreams never change
 
     def candidates(self, model: str | None, pinned: str | None = None) -> list[Upstream]:
         """The upstreams to try for `model`, best first; only `pinned` when a plugin chose one.
@@ -154,11 +157,15 @@ class Router:
                 raise GatewayError(502, f"No upstream named {pinned!r} is configured.",
                                    code="upstream_not_found", outcome=Outcome.UPSTREAM_ERROR)
             return [upstream]
-        serving = [u for u in self.upstreams if u.serves(model)]
+        serving = self._serving.get(model)
+        if serving is None:
+            if len(self._serving) >= _SERVING_MEMO:
+                self._serving.clear()
+            serving = self._serving[model] = [u for u in self.upstreams if u.serves(model)]
         if not serving:
             raise GatewayError(404, f"No upstream serves the model {model!r}.", code="model_not_found", param="model")
         if len(serving) == 1:
-            return serving
+            return serving[:]  # callers may keep or change their list
         # Weighted random order (Efraimidis-Spirakis keys): each upstream leads a priority level
         # with probability weight / sum(weights); weight 0 always comes last.
         random_key = self.rng.random
