@@ -208,6 +208,7 @@ class SqliteStore:
         self.table = table
         self._db: Any = None
         self._opened_path = path
+        self._on_loop = True  # False for an in-memory database, or a file not in WAL mode
         self._writer: sqlite3.Connection | None = None  # used on the event loop only
         self._rows_per_insert = _rows_per_insert()
         self._insert_sql: dict[int, str] = {}  # by rows per statement
@@ -224,6 +225,7 @@ class SqliteStore:
             elif not Path(path).exists():
                 path = ":memory:"  # nothing recorded yet: report on an empty database, create no file
         self._opened_path = path
+        self._on_loop = path != ":memory:"
         self._db = await aiosqlite.connect(path, timeout=30.0, isolation_level=None)
         statements = ["PRAGMA busy_timeout = 30000"]
         if create:
@@ -258,14 +260,14 @@ class SqliteStore:
 
     def _loop_writer(self) -> sqlite3.Connection | None:
         """The connection that inserts on the event loop; None when the database is not a WAL file."""
-        if self._writer is None and self._opened_path != ":memory:":
+        if self._writer is None and self._on_loop:
             connection = sqlite3.connect(self._opened_path, timeout=0, isolation_level=None)
             # Per connection: commits append to the WAL without an fsync, and never checkpoint here.
             connection.execute("PRAGMA synchronous = NORMAL")
             connection.execute("PRAGMA wal_autocheckpoint = 0")
             if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 connection.close()
-                self._opened_path = ":memory:"  # every commit would sync: insert on the database thread
+                self._on_loop = False  # every commit would sync: insert on the database thread
                 return None
             self._writer = connection
         return self._writer
