@@ -278,7 +278,8 @@ class Plugin:
             if media_type.endswith("json"):
                 limit = max(limit, upstream.config.buffer_response_bytes)
         if not limit or (length is not None and length > limit):
-            return GatewayResponse(response.status, headers, chunks=_body_chunks(response, upstream, event_stream=event_stream),
+            unjoined = length is not None and not event_stream
+            return GatewayResponse(response.status, headers, chunks=_body_chunks(response, upstream, unjoined=unjoined),
                                    release=response.close)
         try:
             if length is not None:
@@ -379,23 +380,24 @@ async def _read_error_reply(response: aiohttp.ClientResponse) -> ErrorReply:
 
 
 async def _body_chunks(response: aiohttp.ClientResponse, upstream: Upstream,
-                       already_read: list[bytes] | None = None, event_stream: bool = False) -> AsyncIterator[bytes]:
+                       already_read: list[bytes] | None = None, unjoined: bool = False) -> AsyncIterator[bytes]:
     """The upstream body as it arrives; the connection goes back to the pool only when read in full.
 
-    An SSE stream is passed on as it is read. Other bodies go piece by piece as the socket
-    delivered them: under load several pieces wait in the buffer, and `iter_any` would first
-    copy them into one (for 1.5 MB of base64, a copy that costs more than the writes it saves).
+    `unjoined` (a large body framed by content-length, not SSE): each socket read is passed on
+    as it came. Under load several wait in the buffer, and `iter_any` would first copy them into
+    one: for 1.5 MB of base64, a copy that costs more than the writes it saves. SSE and chunked
+    bodies (whose pieces can be tiny) go as `iter_any` reads them.
     """
     for chunk in already_read or ():
         yield chunk
     try:
-        if event_stream:
+        if unjoined:
+            async for chunk, _ in response.content.iter_chunks():
+                if chunk:
+                    yield chunk
+        else:
             async for chunk in response.content.iter_any():
                 yield chunk
-        else:
-            async for chunk, _ in response.content.iter_chunks():
-                if chunk:  # b"" marks the end of an HTTP chunk
-                    yield chunk
     except (aiohttp.ClientError, asyncio.TimeoutError):
         # A break mid-body counts against the upstream; the pipeline ends the flow as truncated.
         upstream.results["disconnect"] += 1
