@@ -116,18 +116,17 @@ def json_facts(body: dict[str, Any], log_prompts: bool) -> RequestFacts:
     )
 
 
-def _json_facts_of(body: bytes, document: dict[str, Any]) -> _JsonFacts:
+def _json_facts_of(body: bytes | UnsetType, document: dict[str, Any]) -> _JsonFacts:
     """`_json_parts` of `document`, decoded from `body`; remembered for the bodies seen last, so a
     request sent again (what a cache hit usually is) costs one dict lookup. Writer thread only."""
-    if type(body) is not bytes:
+    if type(body) is not bytes:  # too large to be remembered
         return _json_parts(document)
     known = _recent_json_facts.get(body)
     if known is None:
         known = _json_parts(document)
-        if len(body) <= RECENT_FACTS_MAX_BODY:
-            if len(_recent_json_facts) >= RECENT_FACTS_MAX:
-                _recent_json_facts.clear()
-            _recent_json_facts[body] = known
+        if len(_recent_json_facts) >= RECENT_FACTS_MAX:
+            _recent_json_facts.clear()
+        _recent_json_facts[body] = known
     return known
 
 
@@ -252,13 +251,15 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
     body then. Positional arguments, in field order: keywords cost 20 times as much here."""
     principal = flow.principal
     request: Any = facts
+    body: Any = UNSET  # kept only when small enough to be remembered: a queued record must stay small
     if request is None:
         request = _request_of(flow, log_prompts)
-        if type(request) is dict and type(flow.body) is bytes:
+        if type(request) is dict and type(flow.body) is bytes and len(flow.body) <= RECENT_FACTS_MAX_BODY:
+            body = flow.body
             # A body sent lately (a cache hit, usually): its facts now, while the body is in the CPU cache.
-            request = _recent_json_facts.get(flow.body, request)
+            request = _recent_json_facts.get(body, request)
     return RequestRecord(
-        flow.body,  # _body
+        body,  # _body
         flow.time_end or flow.time_start,  # _ended
         log_prompts,  # _log_prompts
         request,  # _request

@@ -417,3 +417,11 @@ def test_a_request_record_with_usage_that_cannot_be_encoded_is_replaced(log_path
     assert records[0]["error"].startswith("audit record could not be encoded")
     assert records[1]["request_id"] == "next"
     assert verify(capsys, str(log_path))[0] == 0
+
+
+def test_a_body_too_large_to_remember_is_not_kept_and_still_gets_its_facts(log_path):
+    body = {"model": "gpt-image-1", "prompt": "fox " * 5000}  # 20 KB
+    flow = request_flow(body)
+    assert capture(flow, None, flow.annotations, None, False)._body is msgspec.UNSET
+    (line,) = write_request_records(log_path, [flow])
+    assert json.loads(line)["prompt_sha256"] == hashlib.sha256(body["prompt"].encode()).hexdigest()
