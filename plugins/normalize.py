@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -122,18 +122,27 @@ def summary(route: str, params: dict[str, Any], files: dict[str, list[str]] | No
     }
 
 
+class _Canonical(NamedTuple):
+    """What normalizing a JSON body yields, kept per distinct body."""
+
+    canonical: bytes
+    summary: dict[str, Any]
+    rewritten: bytes | None  # the body forwarded under ``rewrite = true``
+    sent_model: str | None  # the model as sent (`flow.model`), so nobody decodes the body for it
+
+
 class _Memo:
     """Canonical forms of recent JSON bodies, by route and exact bytes; oldest out first, bounded in bytes."""
 
     def __init__(self, max_bytes: int = _MEMO_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self.entries: dict[tuple[str, bytes], tuple[bytes, dict[str, Any], bytes | None]] = {}
+        self.entries: dict[tuple[str, bytes], _Canonical] = {}
 
-    def get(self, route: str, body: bytes) -> tuple[bytes, dict[str, Any], bytes | None] | None:
+    def get(self, route: str, body: bytes) -> _Canonical | None:
         return self.entries.get((route, body))
 
-    def put(self, route: str, body: bytes, value: tuple[bytes, dict[str, Any], bytes | None]) -> None:
+    def put(self, route: str, body: bytes, value: _Canonical) -> None:
         cost = 2 * len(body) + len(value[0]) + 512  # body, canonical form and summary, roughly
         entries = self.entries
         while entries and self.size + cost > self.max_bytes:
@@ -185,13 +194,19 @@ class Plugin:
             if not isinstance(body, dict):
                 return  # not an object: nothing to key; the upstream will answer it
             canonical, params, given = canonical_json_request(flow.route, body)
-            memoised = (canonical, summary(flow.route, params, None, False), self.rewritten_body(given) if self.rewrite else None)
+            sent_model = body.get("model")
+            memoised = _Canonical(canonical, summary(flow.route, params, None, False),
+                                  self.rewritten_body(given) if self.rewrite else None,
+                                  sent_model if isinstance(sent_model, str) else None)
             if memoisable:
                 self.memo.put(flow.route, raw, memoised)
-        flow.canonical = memoised[0]
-        flow.scratch["normalize"] = dict(memoised[1])
-        if memoised[2] is not None:
-            flow.body = memoised[2]
+        flow.canonical = memoised.canonical
+        scratch = flow.scratch
+        scratch["normalize"] = dict(memoised.summary)
+        if "model" not in scratch:
+            scratch["model"] = memoised.sent_model
+        if memoised.rewritten is not None:
+            flow.body = memoised.rewritten
         return None
 
     async def _normalize_form(self, flow: Flow) -> None:

@@ -281,6 +281,26 @@ async def test_a_repeated_body_gets_the_same_canonical_form_and_a_summary_of_its
     assert first_summary == second_summary and first_summary is not second_summary
 
 
+class SeenModel:
+    name = "seen-model"
+
+    def __init__(self) -> None:
+        self.models: list = []
+
+    @hookimpl
+    def check_request(self, flow) -> None:
+        self.models.append((flow.scratch.get("model"), flow.model))
+
+
+async def test_the_model_as_sent_is_known_without_decoding_the_body_again(gateway_kit):
+    seen = SeenModel()
+    gateway = await gateway_kit.start(plugins=[seen])
+    for body in (b'{"model":"gpt-image-1","prompt":"a fox"}', b'{"model":"gpt-image-1","prompt":"a fox"}', b'{"prompt":"a fox"}'):
+        await post(gateway, GENERATIONS, data=body, headers={"Content-Type": "application/json"})
+    # As sent: a body without a model has none, though normalize's parameters default it to dall-e-2.
+    assert seen.models == [("gpt-image-1", "gpt-image-1")] * 2 + [(None, None)]
+
+
 async def test_a_repeated_body_is_rewritten_the_same_way(gateway_kit, fake_upstream):
     gateway = await gateway_kit.start({"normalize": {"rewrite": True}})
     raw = b'{ "prompt" : "a   fox",  "model":"gpt-image-1.5", "n": 1.0 }'
@@ -302,13 +322,14 @@ async def test_a_body_seen_as_json_is_not_keyed_when_sent_as_another_content_typ
 
 
 def test_the_memo_keeps_to_its_byte_budget_dropping_the_oldest_first():
-    from gatekeeper_plugins.normalize import _Memo
+    from gatekeeper_plugins.normalize import _Canonical, _Memo
 
     memo = _Memo(max_bytes=10_000)
     bodies = [b'{"prompt":"%d"}' % i + b" " * 1000 for i in range(20)]
+    value = _Canonical(b"canonical", {}, None, None)
     for body in bodies:
-        memo.put("images/generations", body, (b"canonical", {}, None))
+        memo.put("images/generations", body, value)
         assert memo.size <= 10_000
     assert memo.get("images/generations", bodies[0]) is None
-    assert memo.get("images/generations", bodies[-1]) == (b"canonical", {}, None)
+    assert memo.get("images/generations", bodies[-1]) == value
     assert memo.size == sum(2 * len(key[1]) + len(b"canonical") + 512 for key in memo.entries)
