@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import Any, NamedTuple
 
@@ -137,7 +138,8 @@ class _Memo:
     def __init__(self, max_bytes: int = _MEMO_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
         self.size = 0
-        self.entries: dict[tuple[str, bytes], _Canonical] = {}
+        # An OrderedDict: popping a plain dict's oldest key scans the holes earlier pops left.
+        self.entries: OrderedDict[tuple[str, bytes], _Canonical] = OrderedDict()
 
     def get(self, route: str, body: bytes) -> _Canonical | None:
         return self.entries.get((route, body))
@@ -146,9 +148,8 @@ class _Memo:
         cost = 2 * len(body) + len(value[0]) + 512  # body, canonical form and summary, roughly
         entries = self.entries
         while entries and self.size + cost > self.max_bytes:
-            oldest = next(iter(entries))
-            old = entries.pop(oldest)
-            self.size -= 2 * len(oldest[1]) + len(old[0]) + 512
+            (_, old_body), old = entries.popitem(last=False)
+            self.size -= 2 * len(old_body) + len(old.canonical) + 512
         entries[(route, body)] = value
         self.size += cost
 
