@@ -35,11 +35,17 @@ _ENTRY_OVERHEAD_BYTES = 512  # the Entry object, its dicts and the LRU bookkeepi
 _WARNING_INTERVAL_S = 10.0
 
 
-class Entry(msgspec.Struct, array_like=True):
-    """One cached response, replayed byte for byte on a hit."""
+class Entry(msgspec.Struct, array_like=True, gc=False):
+    """One cached response, replayed byte for byte on a hit.
+
+    Not tracked by the cyclic garbage collector (it holds plain data, never a cycle), and its
+    headers are tuples, which the collector stops tracking too: a memory cache holds hundreds of
+    thousands of entries, and every full collection would otherwise walk them all, pausing every
+    request for tens to hundreds of milliseconds.
+    """
 
     status: int
-    headers: list[tuple[str, str]]
+    headers: tuple[tuple[str, str], ...]
     body: bytes
     created: float  # unix time of the upstream answer; `age` counts from it
     usage: dict[str, Any] | None = None

@@ -70,15 +70,15 @@ def upstream_forbids_store(headers: CIMultiDict[str]) -> bool:
     return bool(values) and "no-store" in _directives(values)
 
 
-def replayed_headers(headers: CIMultiDict[str], upstream_request_id: str | None) -> list[tuple[str, str]]:
+def replayed_headers(headers: CIMultiDict[str], upstream_request_id: str | None) -> tuple[tuple[str, str], ...]:
     """The response headers a hit replays, as the upstream sent them.
 
     The upstream's ``x-request-id`` is kept; one the gateway filled in (no upstream id) is not.
     """
     # CIMultiDict names are istr, which msgpack does not know: str(name).
-    return [(str(name), value) for name, value in headers.items()
-            if (lower := name.lower()) not in _NOT_REPLAYED and not lower.startswith("x-gatekeeper-")
-            and (lower != "x-request-id" or value == upstream_request_id)]
+    return tuple([(str(name), value) for name, value in headers.items()
+                  if (lower := name.lower()) not in _NOT_REPLAYED and not lower.startswith("x-gatekeeper-")
+                  and (lower != "x-request-id" or value == upstream_request_id)])
 
 
 def has_image_url(body: bytes) -> bool:

@@ -249,3 +249,17 @@ async def test_admin_purge_answers_503_when_redis_is_down(gateway_kit):
     gateway = await gateway_kit.start({"cache": {"backend": "redis", "redis_url": dead}})
     reply = await admin(gateway, "DELETE", "/admin/cache")
     assert reply.status == 503 and reply.json()["error"]["code"] == "cache_unavailable"
+
+
+def test_entries_stay_out_of_the_cyclic_garbage_collectors_way():
+    # A memory cache holds hundreds of thousands of entries; each full collection walks every
+    # tracked object, so entries (and their header tuples) must not be tracked.
+    import gc
+
+    from gatekeeper_plugins.cache_policy import replayed_headers
+    from multidict import CIMultiDict
+
+    headers = replayed_headers(CIMultiDict({"content-type": "application/json", "x-request-id": "req_1"}), "req_1")
+    entry = Entry(status=200, headers=headers, body=b"{}", created=0.0)
+    assert not gc.is_tracked(entry)
+    assert isinstance(entry.headers, tuple) and entry.headers == (("content-type", "application/json"), ("x-request-id", "req_1"))
