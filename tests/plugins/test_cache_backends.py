@@ -263,3 +263,22 @@ def test_entries_stay_out_of_the_cyclic_garbage_collectors_way():
     entry = Entry(status=200, headers=headers, body=b"{}", created=0.0)
     assert not gc.is_tracked(entry)
     assert isinstance(entry.headers, tuple) and entry.headers == (("content-type", "application/json"), ("x-request-id", "req_1"))
+
+
+def test_the_memory_store_keeps_nothing_the_garbage_collector_tracks_and_gives_back_what_it_was_given():
+    import gc
+
+    from gatekeeper_plugins.cache_backends import MemoryStore
+
+    store = MemoryStore(max_bytes=1_000_000)
+    usage = {"input_tokens": 50, "input_tokens_details": {"text_tokens": 50}, "output_tokens": 4160, "total_tokens": 4210}
+    annotations = {"output_image_sha256": ["ab" * 32], "c2pa": [False], "metering": {"model": "gpt-image-1", "images": 1}}
+    entry = Entry(status=200, headers=(("content-type", "application/json"),), body=b"{}", created=1.0,
+                  usage=usage, annotations=annotations, model="gpt-image-1")
+    assert store.put_now("k", entry, 60)
+    gc.collect()
+    kept = [slot.value for slot in store.cache._items.values()]
+    assert kept and not any(gc.is_tracked(value) or gc.is_tracked(value.entry) for value in kept)
+    restored = store.get_now("k")
+    assert (restored.usage, restored.annotations, restored.body, restored.model) == (usage, annotations, b"{}", "gpt-image-1")
+    assert restored.annotations is not store.get_now("k").annotations  # each hit gets its own
