@@ -145,13 +145,18 @@ class _Memo:
         return self.entries.get((route, body))
 
     def put(self, route: str, body: bytes, value: _Canonical) -> None:
-        cost = 2 * len(body) + len(value[0]) + 512  # body, canonical form and summary, roughly
+        cost = _memo_cost(body, value)
         entries = self.entries
         while entries and self.size + cost > self.max_bytes:
             (_, old_body), old = entries.popitem(last=False)
-            self.size -= 2 * len(old_body) + len(old.canonical) + 512
+            self.size -= _memo_cost(old_body, old)
         entries[(route, body)] = value
         self.size += cost
+
+
+def _memo_cost(body: bytes, value: _Canonical) -> int:
+    """What one memo entry holds, roughly: the body (key and memo), the canonical form, the summary."""
+    return 2 * len(body) + len(value.canonical) + 512
 
 
 class Plugin:
