@@ -196,16 +196,18 @@ async def test_large_uploads_are_hashed_off_the_event_loop_with_the_same_result(
 
 
 class Seen:
-    """Records the canonical form and parameters each flow carried past normalization."""
+    """Records the canonical form, parameters and model each flow carried past normalization."""
 
     name = "seen"
 
     def __init__(self) -> None:
         self.flows: list = []
+        self.models: list = []  # (the model normalization left in scratch, flow.model)
 
     @hookimpl
     def check_request(self, flow) -> None:
         self.flows.append((flow.canonical, flow.scratch.get("normalize"), flow.body))
+        self.models.append((flow.scratch.get("model"), flow.model))
 
 
 async def test_hook_normalize_request_sets_canonical_and_parameters_for_other_plugins(gateway_kit):
@@ -281,19 +283,8 @@ async def test_a_repeated_body_gets_the_same_canonical_form_and_a_summary_of_its
     assert first_summary == second_summary and first_summary is not second_summary
 
 
-class SeenModel:
-    name = "seen-model"
-
-    def __init__(self) -> None:
-        self.models: list = []
-
-    @hookimpl
-    def check_request(self, flow) -> None:
-        self.models.append((flow.scratch.get("model"), flow.model))
-
-
 async def test_the_model_as_sent_is_known_without_decoding_the_body_again(gateway_kit):
-    seen = SeenModel()
+    seen = Seen()
     gateway = await gateway_kit.start(plugins=[seen])
     for body in (b'{"model":"gpt-image-1","prompt":"a fox"}', b'{"model":"gpt-image-1","prompt":"a fox"}', b'{"prompt":"a fox"}'):
         await post(gateway, GENERATIONS, data=body, headers={"Content-Type": "application/json"})
