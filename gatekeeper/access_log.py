@@ -16,7 +16,7 @@ import time
 
 import msgspec
 
-from gatekeeper.logs import get_logger, redact_text
+from gatekeeper.logs import get_logger, redact_text, secrets_registered
 
 __all__ = ["AccessLine", "AccessLog"]
 
@@ -53,6 +53,7 @@ class AccessLog:
         self._second = -1
         self._second_text = ""
         self._clean_memo: dict[str, str] = {}
+        self._clean_secrets = 0  # secrets_registered() when the memo was filled
         self._console = get_logger("gatekeeper.access")
 
     def _timestamp(self, now: float) -> str:
@@ -66,6 +67,9 @@ class AccessLog:
         """A client-sent string as logged: redacted and cut to 300 characters (memoised: they repeat)."""
         if not value:
             return value
+        if self._clean_secrets != secrets_registered():  # a secret registered since (a reload): redact anew
+            self._clean_memo.clear()
+            self._clean_secrets = secrets_registered()
         cleaned = self._clean_memo.get(value)
         if cleaned is None:
             cleaned = redact_text(value)[:300]

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger", "register_secret", "redact_text"]
+__all__ = ["configure_logging", "get_logger", "register_secret", "redact_text", "secrets_registered"]
 
 _secrets: set[str] = set()
 _TOKEN_PATTERN = re.compile(r"(?i)(bearer\s+)[^\s\"',]+|\bsk-[A-Za-z0-9_\-]{6,}")
@@ -24,6 +24,11 @@ def register_secret(value: str | None) -> None:
     """Never let `value` appear in a log line."""
     if value and len(value) >= 4:
         _secrets.add(value)
+
+
+def secrets_registered() -> int:
+    """How many secrets are registered; it only grows, so a memo of redacted text keyed on it stays true."""
+    return len(_secrets)
 
 
 def redact_text(text: str) -> str:

@@ -86,3 +86,15 @@ async def test_a_gateway_logs_each_request_with_its_tenant_model_and_cache_statu
     assert miss["model"] == hit["model"] == "gpt-image-1"
     assert miss["tenant"] == hit["tenant"] and miss["tenant"] is not None and miss["status"] == hit["status"] == 200
     assert miss["upstream_request_id"] is not None and miss["request_id"] != hit["request_id"]
+
+
+async def test_a_secret_registered_later_is_redacted_from_paths_logged_before(stderr):
+    log = AccessLog(json_lines=True)
+    path = "/v1/images/later-secret-for-access-log-test-42"
+    log.record(line(path=path))
+    register_secret("later-secret-for-access-log-test-42")  # as a reload registers a new upstream key
+    log.record(line(path=path))
+    log.flush()
+    before, after = stderr.lines()
+    assert before["path"] == path
+    assert "later-secret-for-access-log-test-42" not in after["path"] and "[redacted]" in after["path"]
