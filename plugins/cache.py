@@ -140,8 +140,8 @@ class Plugin:
         self._global_scope = settings.scope == "global"
         self._plain_controls = RequestControls(False, False, settings.ttl_s)  # a request with no cache headers
         self._key_prefixes: dict[tuple[str, str, str | None], bytes] = {}
-        self._forwarders_seen: list[Any] | None = None
-        self._forwarders_after_me: list[tuple[Callable[..., Any], tuple[str, ...]]] = []
+        self._forwarders_seen: tuple[Callable[[Flow], Any], ...] | None = None
+        self._forwarders_after_me: tuple[Callable[[Flow], Any], ...] = ()
 
     @staticmethod
     def _make_store(settings: CacheConfig) -> MemoryStore | RedisStore:
@@ -396,8 +396,8 @@ class Plugin:
     async def _forward_after_me(self, flow: Flow, answer: asyncio.Future[GatewayResponse | None]) -> GatewayResponse | None:
         try:
             result = None
-            for function, argnames in self._later_forwarders():
-                result = function(flow) if argnames == ("flow",) else function(*[{"flow": flow}[name] for name in argnames])
+            for call in self._later_forwarders():
+                result = call(flow)
                 if inspect.isawaitable(result):
                     result = await result
                 if result is not None:
@@ -416,14 +416,14 @@ class Plugin:
             answer.set_result(result)
         return result
 
-    def _later_forwarders(self) -> list[tuple[Callable[..., Any], tuple[str, ...]]]:
+    def _later_forwarders(self) -> tuple[Callable[[Flow], Any], ...]:
         """The `forward_request` impls called after this one, recomputed when the plugins change."""
         assert self.gateway is not None
-        impls = self.gateway.hooks.impls("forward_request")
-        if impls is not self._forwarders_seen:
-            position = next(i for i, (function, _) in enumerate(impls) if function == self.forward_request)
-            self._forwarders_after_me = impls[position + 1:]
-            self._forwarders_seen = impls
+        callers = self.gateway.hooks.flow_callers("forward_request")
+        if callers is not self._forwarders_seen:
+            position = callers.index(self.forward_request)
+            self._forwarders_after_me = callers[position + 1:]
+            self._forwarders_seen = callers
         return self._forwarders_after_me
 
     @hookimpl
