@@ -8,6 +8,7 @@ A stage ends the request early by setting `flow.response` (as mitmproxy's flows 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -96,7 +97,7 @@ class Flow:
         "client_ip", "time_start", "started", "time_end", "_json", "principal", "canonical",
         "cache_key", "cache_status", "upstream_name", "response", "status", "attempts",
         "upstream_request_id", "openai_organization", "openai_project", "upstream_latency_s",
-        "collect_response_body", "response_body", "usage", "annotations", "cost_usd", "saved_usd", "outcome",
+        "collect_response_body", "response_body", "usage", "annotations", "annotations_pending", "cost_usd", "saved_usd", "outcome",
         "error", "bytes_sent", "scratch",
     )
 
@@ -132,6 +133,8 @@ class Flow:
         # Facts about the response that plugins derive once on a miss (image hashes, C2PA) and the
         # cache stores with the entry and restores on a hit, so they are never recomputed.
         self.annotations: dict[str, Any] = {}
+        # Work still adding to `annotations` after the response was released (see annotate_later).
+        self.annotations_pending: list[asyncio.Future[Any]] | None = None
         self.cost_usd: Decimal | None = None
         self.saved_usd: Decimal | None = None
         self.outcome: str | None = None
@@ -193,6 +196,25 @@ class Flow:
             model = form_field(self.headers.get("content-type", ""), self.body, "model")
         self.scratch["model"] = model
         return model
+
+    def annotate_later(self, work: asyncio.Future[Any]) -> None:
+        """Register `work` that adds to `annotations` after `exchange_complete` has returned.
+
+        Hashing the images of a 1.5 MB answer takes a millisecond or more; the client need not
+        wait for it. Whoever keeps the annotations (the cache, storing the entry) awaits
+        `annotations_ready()` instead.
+        """
+        if self.annotations_pending is None:
+            self.annotations_pending = []
+        self.annotations_pending.append(work)
+
+    async def annotations_ready(self) -> dict[str, Any]:
+        """`annotations`, once all the work registered with `annotate_later` has ended (failed
+        work included: its annotations are simply missing)."""
+        while self.annotations_pending:
+            pending, self.annotations_pending = self.annotations_pending, None
+            await asyncio.wait(pending)
+        return self.annotations
 
     @property
     def tenant(self) -> str | None:

@@ -182,6 +182,10 @@ def exchange_complete(flow: Flow) -> None:
     Built-in order: metering (``tryfirst``: sets ``flow.usage`` and cost), audit (may refuse with
     503 by raising `GatewayError`, which stops the remaining impls), cache (``trylast``: stores the
     response with ``flow.usage`` and ``flow.annotations``).
+
+    Work the client need not wait for (hashing a large body's images) goes to a task registered
+    with ``flow.annotate_later``; the response is released meanwhile, and the cache stores the
+    entry once ``flow.annotations_ready()`` returns.
     """
 
 

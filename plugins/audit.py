@@ -124,6 +124,7 @@ class Plugin:
         self._batch_started = 0.0
         self._batch_timer: asyncio.TimerHandle | None = None
         self._groups: dict[bool, tuple[list[RequestRecord], asyncio.Future[int]]] = {}  # by `retain`
+        self._later: set[asyncio.Task[None]] = set()  # batch records still hashing their images
 
     def describe(self) -> str:
         chain = "HMAC-signed chain" if self.key else "sha256 chain"
@@ -143,6 +144,8 @@ class Plugin:
     @hookimpl
     async def shutdown(self, gateway: Gateway) -> None:
         """Write every queued record and the final checkpoint, then stop the writer."""
+        if self._later:
+            await asyncio.wait(list(self._later), timeout=SHUTDOWN_FLUSH_S)
         self._hand_over()
         for retain in list(self._groups):
             self._hand_over_group(retain)
@@ -210,30 +213,49 @@ class Plugin:
     @hookimpl
     def exchange_complete(self, flow: Flow) -> Awaitable[None] | None:
         """Record the exchange; in ``always`` mode the returned awaitable ends once the record is on
-        disk. In ``batch`` mode, unless a large body must be hashed in a worker thread, this returns
-        None and does no more than read the flow: every microsecond spent on the event loop costs
-        the loop's throughput, and the writer thread does the rest in batches."""
+        disk. In ``batch`` mode this returns None and does no more than read the flow: every
+        microsecond spent on the event loop costs the loop's throughput, and the writer thread
+        does the rest in batches. A large body is hashed in a worker thread after the response is
+        released."""
         if self.required and self.log.broken:
             raise _unavailable()  # exchange_error records the refusal
         unhashed = self._unhashed_images(flow)
-        if (self.wait_for_disk or self.name in flow.scratch  # a facts task from check_request
-                or (unhashed is not None and len(unhashed) > OFF_LOOP_BYTES) or self._hashes_inputs_off_loop(flow)):
+        if self.wait_for_disk:
             return self._complete_and_wait(flow)
+        if (self.name in flow.scratch  # a facts task from check_request
+                or (unhashed is not None and len(unhashed) > OFF_LOOP_BYTES) or self._hashes_inputs_off_loop(flow)):
+            # Nothing waits for a batch record, so the client need not wait for the hashing
+            # either: the record is built when the worker thread is done, and the cache stores
+            # the entry with the image hashes then (flow.annotate_later).
+            self._state(flow)["submitted"] = True
+            flow.annotate_later(self._complete_later(flow))
+            return None
         if unhashed is not None:
             self._keep_image_facts(flow, analyze_images_body(unhashed, self._is_event_stream(flow)))
         flow.scratch[self.name] = {"submitted": True}
         self._collect(capture(flow, None, flow.annotations, None, self.log_prompts))
         return None
 
+    def _complete_later(self, flow: Flow) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._complete_in_background(flow))
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
+        return task
+
+    async def _complete_in_background(self, flow: Flow) -> None:
+        try:
+            await self._analyze_images_in_thread(flow)
+        except Exception:  # the record is kept without the image facts rather than lost
+            log.exception("audit could not read the returned images", request_id=flow.request_id)
+        self._collect(capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None, self.log_prompts))
+
     async def _complete_and_wait(self, flow: Flow) -> None:
+        """``always`` mode: the response waits until its record is on disk."""
         if self._unhashed_images(flow) is not None:
             await self._analyze_images_in_thread(flow)
         record = capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None, self.log_prompts)
         state = self._state(flow)
         state["submitted"] = True
-        if not self.wait_for_disk:
-            self._collect(record)
-            return
         must_wait = not self.log.broken
         written = self._write_soon(record, retain=not (must_wait and self.required))
         if not must_wait:

@@ -448,6 +448,22 @@ class Plugin:
         meta = flow.scratch.get("cache")
         if not isinstance(meta, CacheMeta) or meta.role == "hit":
             return
+        if flow.annotations_pending:
+            # The client has its answer; the entry (and the followers) wait for the annotations.
+            self._spawn(self._store_when_annotated(flow, meta))
+            return
+        self._store_complete(flow, meta)
+
+    async def _store_when_annotated(self, flow: Flow, meta: CacheMeta) -> None:
+        try:
+            await flow.annotations_ready()
+        except BaseException:  # cancelled: an entry without its annotations would recompute them on every hit
+            if meta.flight is not None:
+                self._end_flight(meta.flight, FAILED)
+            raise
+        self._store_complete(flow, meta)
+
+    def _store_complete(self, flow: Flow, meta: CacheMeta) -> None:
         response = flow.response
         body = flow.response_body
         entry = None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -186,6 +188,97 @@ async def test_shutdown_writes_every_queued_batch_record(gateway_kit, audit_path
     await gateway_kit.stop_all()
     assert {r["request_id"] for r in read_records(audit_path)} == {request_id for _, request_id, _ in results}
     verify_ok(audit_path)
+
+
+# ------------------------------------------------------------------ image hashing off the response path
+
+
+class BlockingImageAnalysis:
+    """audit's analyze_images_body, held in its worker thread until `release` is set."""
+
+    def __init__(self, real: Callable[..., Any]) -> None:
+        self.real = real
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    def __call__(self, body: bytes, event_stream: bool) -> Any:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(10)
+        return self.real(body, event_stream)
+
+
+@pytest.fixture
+def hashing(monkeypatch) -> BlockingImageAnalysis:
+    """Every image answer counts as large (hashed in a worker thread), and the hashing blocks."""
+    import gatekeeper_plugins.audit as audit_module
+
+    blocking = BlockingImageAnalysis(audit_module.analyze_images_body)
+    monkeypatch.setattr(audit_module, "OFF_LOOP_BYTES", 0)
+    monkeypatch.setattr(audit_module, "analyze_images_body", blocking)
+    yield blocking
+    blocking.release.set()
+
+
+async def post_generation(gateway: RunningGateway, prompt: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.base_url + "/images/generations", headers=AUTH,
+                                json={"model": "gpt-image-1.5", "prompt": prompt}) as response:
+            return response.status, dict(response.headers), await response.json()
+
+
+async def test_in_batch_mode_a_large_answer_is_released_before_its_images_are_hashed(
+        gateway_kit, fake_upstream, audit_path, hashing):
+    gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
+    status, headers, body = await asyncio.wait_for(post_generation(gateway, "hashed later"), 5)
+    assert status == 200 and headers["x-gatekeeper-cache"] == "MISS"
+    assert await asyncio.to_thread(hashing.entered.wait, 5), "the images were never hashed"
+
+    # Meanwhile the entry isn't stored yet: the same request waits for it, and is not forwarded again.
+    again = asyncio.create_task(post_generation(gateway, "hashed later"))
+    await asyncio.sleep(0.2)
+    assert not again.done(), "the entry was stored before its image hashes were known"
+    hashing.release.set()
+    status, again_headers, again_body = await asyncio.wait_for(again, 5)
+    assert status == 200 and again_headers["x-gatekeeper-cache"] == "HIT"
+    assert again_body == body
+    assert fake_upstream.count("/v1/images/generations") == 1
+    assert hashing.calls == 1, "the hit hashed the images again"
+
+    await gateway_kit.stop_all()
+    image = base64.b64decode(body["data"][0]["b64_json"])
+    records = {r["request_id"]: r for r in read_records(audit_path)}
+    miss_record = records[headers["x-gatekeeper-request-id"]]
+    hit_record = records[again_headers["x-gatekeeper-request-id"]]
+    assert miss_record["output_image_sha256"] == [hashlib.sha256(image).hexdigest()]
+    assert hit_record["output_image_sha256"] == miss_record["output_image_sha256"]
+    verify_ok(audit_path)
+
+
+async def test_shutdown_waits_for_records_whose_images_are_still_being_hashed(gateway_kit, audit_path, hashing):
+    gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
+    status, headers, _ = await asyncio.wait_for(post_generation(gateway, "hashed at shutdown"), 5)
+    assert status == 200
+    assert await asyncio.to_thread(hashing.entered.wait, 5)
+    threading.Timer(0.2, hashing.release.set).start()
+    await gateway_kit.stop_all()
+    [record] = read_records(audit_path)
+    assert record["request_id"] == headers["x-gatekeeper-request-id"]
+    assert len(record["output_image_sha256"]) == 1
+    verify_ok(audit_path)
+
+
+async def test_in_always_mode_a_large_answer_still_waits_for_its_record(gateway, audit_path, hashing):
+    request = asyncio.create_task(post_generation(gateway, "hashed first"))
+    assert await asyncio.to_thread(hashing.entered.wait, 5)
+    await asyncio.sleep(0.2)
+    assert not request.done(), "the response left before its record (with the image hashes) was written"
+    hashing.release.set()
+    status, headers, _ = await asyncio.wait_for(request, 5)
+    assert status == 200
+    [record] = read_records(audit_path)
+    assert len(record["output_image_sha256"]) == 1
 
 
 # ------------------------------------------------------------------ disk full, EIO
