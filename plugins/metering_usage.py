@@ -2,9 +2,8 @@
 
 JSON bodies are decoded into Structs that name only ``usage``, ``model`` and the number of
 ``data`` items, so msgspec skips base64 images and embedding vectors without building them.
-Large images bodies are skimmed instead (`summarize_json` with ``skim``): their members are
-found by structure, a base64 string's end by one ``bytes.find``, and only ``usage`` and
-``model`` are decoded.
+Large images bodies are skimmed first (`summarize_json` with ``skim``): `skim_images_body`
+cuts their base64 strings out, and msgspec reads the few hundred bytes that are left.
 Event streams are scanned line by line by `SseUsageScanner`: it keeps only the current line
 and only when that line can carry usage (an image ``*.completed`` event, a terminal
 ``response.*`` event, a chat chunk). Partial-image lines, megabytes of base64 each, are skipped
@@ -13,12 +12,12 @@ as they arrive without being kept.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from gatekeeper.errors import GatewayError
+from gatekeeper.images_body import skim_images_body
 from gatekeeper.logs import get_logger
 from gatekeeper.multipart import parse_form
 from gatekeeper_plugins.metering_prices import Tokens
@@ -134,8 +133,9 @@ class _Body(msgspec.Struct):
 
 
 _decode_body = msgspec.json.Decoder(_Body).decode
-_decode_usage = msgspec.json.Decoder(dict[str, Any] | None).decode
-_decode_model = msgspec.json.Decoder(str | None).decode
+# Only images answers are skimmed: base64 has no quotes or backslashes, while a chat answer full
+# of escaped quotes would be slower to walk than to decode. A small body has little to skip.
+_SKIM_FROM = 64 * 1024
 
 
 class JsonSummary(msgspec.Struct):
@@ -147,143 +147,18 @@ class JsonSummary(msgspec.Struct):
 def summarize_json(body: bytes, skim: bool = False) -> JsonSummary | None:
     """`usage`, `model` and the item count of a JSON response; None when it is not one.
 
-    With `skim` (images responses), a large body is read by `_skim` first.
+    With `skim` (images responses), a large body's ``b64_json`` images are cut out by
+    `skim_images_body` first and msgspec reads the skeleton that is left.
     """
     if skim and len(body) >= _SKIM_FROM:
-        try:
-            return _skim(body)
-        except (_Unsure, IndexError):
-            pass
+        skimmed = skim_images_body(body)
+        if skimmed is not None:
+            body = skimmed.skeleton
     try:
         decoded = _decode_body(body)
     except msgspec.DecodeError:
         return None
     return JsonSummary(decoded.usage, decoded.model, len(decoded.data) if decoded.data is not None else 0)
-
-
-# ---------------------------------------------------------------- large images bodies
-
-# msgspec reads every byte of a string it skips, about 0.5 ms per 1.5 MB base64 image. `_skim`
-# finds the top-level members by their structure instead: the end of a string is found by
-# `bytes.find` (memchr), so a base64 image costs a few microseconds. Only `usage` and `model`
-# are decoded, by msgspec. Anything unexpected (an escaped key, a structure it can't follow)
-# hands the body to msgspec. Base64 has no quotes or backslashes: chat text with many escaped
-# quotes would be slower to skim than to decode, so only images responses are skimmed.
-_SKIM_FROM = 64 * 1024
-_STRUCTURE = re.compile(rb'["{}\[\]]')
-_SPACE = re.compile(rb"[ \t\r\n]*")
-_SCALAR = re.compile(rb"-?[0-9][0-9.eE+-]*|true|false|null")
-_QUOTE, _BACKSLASH, _OPEN_OBJECT, _OPEN_ARRAY = 0x22, 0x5C, 0x7B, 0x5B
-
-
-class _Unsure(Exception):
-    """`_skim` can't read this body: let msgspec decide."""
-
-
-def _string_end(body: bytes, start: int) -> int:
-    """The index of the quote that closes the string whose first character is at `start`."""
-    while True:
-        end = body.find(b'"', start)
-        if end < 0:
-            raise _Unsure
-        before = end - 1
-        while body[before] == _BACKSLASH:
-            before -= 1
-        if (end - 1 - before) % 2 == 0:  # not escaped
-            return end
-        start = end + 1
-
-
-def _value_end(body: bytes, start: int) -> int:
-    """The index just past the JSON value that begins at `start`."""
-    first = body[start]
-    if first == _QUOTE:
-        return _string_end(body, start + 1) + 1
-    if first != _OPEN_OBJECT and first != _OPEN_ARRAY:
-        scalar = _SCALAR.match(body, start)
-        if scalar is None:
-            raise _Unsure
-        return scalar.end()
-    depth, position = 0, start
-    while True:
-        found = _STRUCTURE.search(body, position)
-        if found is None:
-            raise _Unsure
-        at = found.start()
-        character = body[at]
-        if character == _QUOTE:
-            position = _string_end(body, at + 1) + 1
-            continue
-        depth += 1 if character == _OPEN_OBJECT or character == _OPEN_ARRAY else -1
-        position = at + 1
-        if depth == 0:
-            return position
-
-
-def _space(body: bytes, position: int) -> int:
-    return _SPACE.match(body, position).end()  # type: ignore[union-attr]
-
-
-def _members(body: bytes, start: int, data: list[int] | None = None) -> tuple[dict[bytes, tuple[int, int]], int]:
-    """The members of the object or array that opens at `start`, and the index just past its end.
-
-    An object's members are its values' spans by key, an array's by their index (as bytes). The
-    top-level object's ``data`` array is read as members too, its items' starts put in `data`.
-    """
-    members: dict[bytes, tuple[int, int]] = {}
-    is_object = body[start] == _OPEN_OBJECT
-    close = b"}" if is_object else b"]"
-    position = _space(body, start + 1)
-    if body[position:position + 1] == close:
-        return members, position + 1
-    while True:
-        key = str(len(members)).encode()
-        if is_object:
-            if body[position] != _QUOTE:
-                raise _Unsure
-            key_end = _string_end(body, position + 1)
-            key = body[position + 1:key_end]
-            if b"\\" in key or (data is not None and key in members):
-                raise _Unsure  # an escaped or repeated key: msgspec reads it as it should be read
-            position = _space(body, key_end + 1)
-            if body[position:position + 1] != b":":
-                raise _Unsure
-            position = _space(body, position + 1)
-        if data is not None and key == b"data" and body[position] == _OPEN_ARRAY:
-            items, end = _members(body, position)
-            data[:] = [span[0] for span in items.values()]
-        else:
-            end = _value_end(body, position)
-        members[key] = (position, end)
-        position = _space(body, end)
-        separator = body[position:position + 1]
-        if separator == close:
-            return members, position + 1
-        if separator != b",":
-            raise _Unsure
-        position = _space(body, position + 1)
-
-
-def _skim(body: bytes) -> JsonSummary | None:
-    start = _space(body, 0)
-    if body[start:start + 1] != b"{":
-        raise _Unsure
-    data: list[int] = []
-    values, end = _members(body, start, data)
-    if _space(body, end) != len(body):
-        raise _Unsure
-    try:
-        usage = _decode_usage(body[slice(*values[b"usage"])]) if b"usage" in values else None
-        model = _decode_model(body[slice(*values[b"model"])]) if b"model" in values else None
-    except msgspec.DecodeError:
-        return None
-    if b"data" in values and body[values[b"data"][0]] != _OPEN_ARRAY:
-        if body[slice(*values[b"data"])] != b"null":
-            return None  # msgspec would refuse `data` that is not a list
-        data = []
-    if any(body[item] != _OPEN_OBJECT for item in data):
-        return None  # ... or a data item that is not an object
-    return JsonSummary(usage, model, len(data))
 
 
 # ---------------------------------------------------------------- event streams

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import struct
 import zlib
 
 import msgspec
 import pytest
 
+from gatekeeper.images_body import skim_images_body
 from gatekeeper.testing.fake_upstream import jpeg_bytes, png_bytes, webp_bytes
 from gatekeeper_plugins.audit_images import analyze_json_body, analyze_sse_body, has_c2pa
 
@@ -56,6 +58,17 @@ def test_json_body_hashes_each_decoded_image_in_order():
     facts = analyze_json_body(body)
     assert facts.sha256 == [sha(images[0]), sha(images[1])]
     assert facts.c2pa == [False, True]
+
+
+def test_a_pretty_printed_body_is_hashed_from_its_skim_like_a_compact_one():
+    images = [png_bytes("a"), png_bytes("b", c2pa=True)]
+    answer = {"created": 1, "data": [{"revised_prompt": 'a "fox"', "b64_json": b64(image)} for image in images],
+              "usage": {"input_tokens": 1}}
+    body = json.dumps(answer, indent=2).encode()
+    assert skim_images_body(body) is not None  # the images are found without a full decode
+    facts = analyze_json_body(body)
+    assert (facts.sha256, facts.c2pa) == ([sha(images[0]), sha(images[1])], [False, True])
+    assert facts == analyze_json_body(msgspec.json.encode(answer))
 
 
 def test_base64_wrapped_in_lines_hashes_the_same_bytes():

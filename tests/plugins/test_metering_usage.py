@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import pytest
 
+from gatekeeper.images_body import skim_images_body
 from gatekeeper_plugins.metering_prices import Tokens
-from gatekeeper_plugins.metering_usage import SseUsageScanner, add_usage, summarize_json, tokens_from_usage
+from gatekeeper_plugins.metering_usage import (JsonSummary, SseUsageScanner, add_usage, summarize_json,
+                                               tokens_from_usage)
 
 BIG_B64 = "iVBORw0KGgo" * 200_000  # about 2 MB, like a real partial image
 
@@ -155,6 +159,14 @@ def test_a_large_images_body_is_skimmed_to_the_same_summary_msgspec_decodes():
     assert skimmed == summarize_json(body)
     assert (skimmed.usage, skimmed.model, skimmed.items) == ({"input_tokens": 6, "output_tokens": 1056},
                                                              "gpt-image-1.5", 2)
+
+
+def test_a_pretty_printed_large_images_body_is_skimmed_too():
+    answer = {"created": 1, "data": [{"b64_json": BIG_B64}], "usage": {"input_tokens": 6}, "model": "gpt-image-1"}
+    body = json.dumps(answer, indent=2).encode()
+    assert skim_images_body(body) is not None
+    assert summarize_json(body, skim=True) == summarize_json(msgspec.json.encode(answer)) == JsonSummary(
+        {"input_tokens": 6}, "gpt-image-1", 1)
 
 
 @pytest.mark.parametrize("body", [
