@@ -72,6 +72,9 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
 
 
+_WRAP_ARGS = ("flow", "chunks")
+
+
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
@@ -214,9 +217,16 @@ class Gateway:
                             code="request_too_large")
 
     async def _read_body(self, request: web.Request) -> bytes:
+        content = request.content
+        if content.is_eof():
+            # The whole body came with the head (any small request): take it in one piece, with no
+            # await, timer or bytearray copy. `request.read()` still answers for a plugin calling it.
+            body = content.read_nowait()
+            if len(body) > self._max_body:
+                raise self._too_large()
+            request._read_bytes = body
+            return body
         try:
-            if request.content.is_eof():  # the whole body came with the headers: no wait, no timer
-                return await request.read()
             async with asyncio.timeout(self.config.server.body_timeout_s):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -324,11 +334,12 @@ class Gateway:
 
         chunks: AsyncIterator[bytes] | None = response.chunks
         observed = False
-        if self.hooks.has_impls("wrap_response_stream"):
+        observers = self.hooks.callers("wrap_response_stream", _WRAP_ARGS)
+        if observers:
             source = chunks if chunks is not None else _once(response.body or b"")
             wrapped = source
-            for function, argnames in self.hooks.impls("wrap_response_stream"):
-                result = function(*[{"flow": flow, "chunks": wrapped}[a] for a in argnames])
+            for observe in observers:
+                result = observe(flow, wrapped)
                 if result is not None:
                     wrapped = result
             if wrapped is not source:

@@ -19,20 +19,42 @@ import pluggy
 __all__ = ["Hooks"]
 
 _Impl = tuple[Callable[..., Any], tuple[str, ...]]
+_FLOW = ("flow",)
 _Coroutine = types.CoroutineType
 
 
 def _awaitable(result: Any) -> bool:
-    # Coroutines are by far the common case; inspect.isawaitable is the slow general check.
-    return result.__class__ is _Coroutine or (result is not None and inspect.isawaitable(result))
+    # Coroutines are by far the common case; inspect.isawaitable is the slow general check (an
+    # ABC isinstance), so its answer is remembered per type: a stage returns the same few types
+    # (Principal, GatewayResponse) on every request. Generators are asked one by one, since only
+    # some of them are awaitable (@types.coroutine).
+    cls = result.__class__
+    if cls is _Coroutine:
+        return True
+    if result is None:
+        return False
+    known = _awaitable_types.get(cls)
+    if known is None:
+        known = inspect.isawaitable(result)
+        if cls is not types.GeneratorType and len(_awaitable_types) < 256:
+            _awaitable_types[cls] = known
+    return known
 
 
-def _flow_caller(name: str, function: Callable[..., Any], argnames: tuple[str, ...]) -> Callable[[Any], Any]:
-    if argnames == ("flow",):
+_awaitable_types: dict[type, bool] = {}
+
+
+def _positional_caller(name: str, function: Callable[..., Any], argnames: tuple[str, ...],
+                       passed: tuple[str, ...]) -> Callable[..., Any]:
+    """`function` as a callable taking the `passed` arguments positionally, in that order."""
+    if argnames == passed:
         return function
-    if not argnames:  # pluggy lets an impl take fewer arguments than the spec
-        return lambda flow: function()
-    raise TypeError(f"hook {name} passes only `flow`, not {argnames} ({function.__qualname__})")
+    unknown = [arg for arg in argnames if arg not in passed]
+    if unknown:
+        raise TypeError(f"hook {name} passes only {passed}, not {unknown} ({function.__qualname__})")
+    # pluggy lets an impl take fewer arguments than the spec, in any order
+    picks = tuple(passed.index(arg) for arg in argnames)
+    return lambda *args: function(*[args[i] for i in picks])
 
 
 class Hooks:
@@ -41,18 +63,18 @@ class Hooks:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._order: dict[str, list[_Impl]] = {}
-        self._flow_callers: dict[str, tuple[Callable[[Any], Any], ...]] = {}
+        self._callers: dict[tuple[str, tuple[str, ...]], tuple[Callable[..., Any], ...]] = {}
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         registered = self.pm.register(plugin, name=name)
         self._order.clear()
-        self._flow_callers.clear()
+        self._callers.clear()
         return registered
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
         removed = self.pm.unregister(plugin=plugin, name=name)
         self._order.clear()
-        self._flow_callers.clear()
+        self._callers.clear()
         return removed
 
     def impls(self, name: str) -> list[_Impl]:
@@ -69,17 +91,23 @@ class Hooks:
             self._order[name] = order
         return order
 
-    def flow_callers(self, name: str) -> tuple[Callable[[Any], Any], ...]:
-        """The impls of a hook whose only argument is ``flow``, each callable as ``call(flow)``.
+    def callers(self, name: str, passed: tuple[str, ...]) -> tuple[Callable[..., Any], ...]:
+        """The impls of hook `name`, in call order, each callable with the `passed` arguments
+        positionally (``call(flow, chunks)``).
 
         The pipeline's stages call these once per request each: a direct call, with no keyword
         mapping per impl.
         """
-        callers = self._flow_callers.get(name)
+        callers = self._callers.get((name, passed))
         if callers is None:
-            callers = tuple(_flow_caller(name, function, argnames) for function, argnames in self.impls(name))
-            self._flow_callers[name] = callers
+            callers = tuple(_positional_caller(name, function, argnames, passed)
+                            for function, argnames in self.impls(name))
+            self._callers[(name, passed)] = callers
         return callers
+
+    def flow_callers(self, name: str) -> tuple[Callable[[Any], Any], ...]:
+        """`callers` of a hook whose only argument is ``flow``: each is ``call(flow)``."""
+        return self.callers(name, _FLOW)
 
     async def flow_first(self, name: str, flow: Any) -> Any:
         """`call_first` for a hook that takes only ``flow``."""

@@ -89,3 +89,49 @@ def test_hook_wrappers_are_refused():
     hooks = make_hooks(Wrapper())
     with pytest.raises(TypeError, match="wrappers are not supported"):
         hooks.impls("cache_lookup")
+
+
+async def test_flow_first_awaits_coroutines_and_returns_other_results_as_they_are():
+    class Answer:  # an object that is not awaitable, returned again and again
+        pass
+
+    answer = Answer()
+    calls: list[str] = []
+    sync = plugin("sync", calls, answer, is_async=False)
+    hooks = make_hooks(sync)
+    assert await hooks.flow_first("cache_lookup", None) is answer
+    assert await hooks.flow_first("cache_lookup", None) is answer
+    hooks.unregister(sync)
+    hooks.register(plugin("async", calls, answer))
+    assert await hooks.flow_first("cache_lookup", None) is answer
+    assert calls == ["sync", "sync", "async"]
+
+
+def test_callers_pass_arguments_positionally_to_impls_that_take_them_in_any_order_or_fewer():
+    seen = []
+
+    class Reversed:
+        @hookimpl
+        def wrap_response_stream(self, chunks, flow):
+            seen.append(("reversed", chunks, flow))
+
+    class FlowOnly:
+        @hookimpl
+        def wrap_response_stream(self, flow):
+            seen.append(("flow only", flow))
+
+    hooks = make_hooks(Reversed(), FlowOnly())
+    for call in hooks.callers("wrap_response_stream", ("flow", "chunks")):
+        call("the flow", "the chunks")
+    assert seen == [("flow only", "the flow"), ("reversed", "the chunks", "the flow")]
+
+
+def test_a_flow_only_caller_refuses_an_impl_that_wants_more_than_the_flow():
+    class Greedy:
+        @hookimpl
+        def exchange_error(self, flow, error):
+            pass
+
+    hooks = make_hooks(Greedy())
+    with pytest.raises(TypeError, match="passes only"):
+        hooks.flow_callers("exchange_error")

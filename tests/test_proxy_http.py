@@ -10,6 +10,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from gatekeeper import hookimpl
+from gatekeeper.flow import Flow
 from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -88,6 +90,38 @@ async def test_chunked_body_over_the_limit_gets_413(gateway_kit, fake_upstream):
                                 headers={**AUTH, "Content-Type": "application/json"}) as response:
             assert response.status == 413
     assert fake_upstream.count() == 0
+
+
+async def test_a_chunked_body_over_the_limit_that_arrives_with_its_head_gets_413(gateway_kit, fake_upstream):
+    gateway = await gateway_kit.start({"server": {"max_body_bytes": 1024}})
+    body = b"x" * 2048
+    host, port = gateway.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/images/generations HTTP/1.1\r\nHost: gk\r\nAuthorization: " + AUTH["Authorization"].encode()
+                 + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")  # head and whole body in one write
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413")
+    assert fake_upstream.count() == 0
+
+
+async def test_a_plugin_reading_the_request_itself_gets_the_body_the_flow_carries(gateway_kit, fake_upstream):
+    read: list[tuple[bytes, bytes]] = []
+
+    class Reader:
+        @hookimpl
+        async def check_request(self, flow: Flow) -> None:
+            read.append((await flow.request.read(), flow.body))
+
+    gateway = await gateway_kit.start(plugins=[Reader()])
+    body = b'{"model":"gpt-image-1.5","prompt":"read twice"}'
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.base_url + "/images/generations", data=body,
+                                headers={**AUTH, "Content-Type": "application/json"}) as response:
+            assert response.status == 200
+    assert read == [(body, body)]
 
 
 async def test_unreachable_upstream_gives_502_openai_shaped(gateway_kit):
