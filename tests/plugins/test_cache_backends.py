@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import os
+import subprocess
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import msgspec
 import pytest
 import redis.asyncio as redis
+from aiohttp import web
 from cache_support import GENERATIONS, REDIS_URL, RedisServer, delete_prefix, free_port, own_redis, post, unique_prefix  # noqa: F401
 from structlog.testing import capture_logs
 
@@ -103,26 +109,206 @@ async def redis_prefix():
         await delete_prefix(prefix)
 
 
-async def test_redis_stores_the_body_as_raw_msgpack_bytes(redis_prefix):
+def full_entry(body: bytes) -> Entry:
+    return Entry(status=200, headers=(("content-type", "application/json"), ("x-request-id", "req_1")), body=body,
+                 created=1700000000.5, usage={"input_tokens": 50, "output_tokens": 4160},
+                 annotations={"output_image_sha256": ["ab" * 32]}, model="gpt-image-1", upstream_request_id="req_1")
+
+
+async def test_redis_keeps_an_entry_as_a_hash_of_its_msgpack_head_and_its_body_bytes(redis_prefix):
     store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
-    body = bytes(range(256)) * 10
+    stored = full_entry(bytes(range(256)) * 10)
     try:
-        assert await store.put("t:key", entry(body), 60)
-        raw = await store.client.get(redis_prefix + ":e:t:key")
+        assert await store.put("t:key", stored, 60)
+        raw = await store.client.hgetall(redis_prefix + ":e:t:key")
         loaded = await store.get("t:key")
     finally:
         await store.close()
-    assert body in raw  # a msgpack bin field: the bytes themselves, no base64
-    assert loaded == msgspec.msgpack.decode(raw, type=Entry) and loaded.body == body
+    assert set(raw) == {b"h", b"b"}
+    assert raw[b"b"] == stored.body  # the bytes themselves: no msgpack, JSON or base64 around them
+    assert msgspec.msgpack.decode(raw[b"h"], type=Entry) == msgspec.structs.replace(stored, body=b"")
+    assert loaded == stored
 
 
-async def test_a_redis_value_of_another_format_is_a_miss(redis_prefix):
-    store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
+@pytest.mark.parametrize("size", [0, 1, 16 * 1024, 16 * 1024 + 1, 64 * 1024 + 3, 1_500_000])
+async def test_a_redis_entry_is_read_back_byte_for_byte_whatever_its_size(redis_prefix, size):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.5, 1.0)
+    body = (b"$5\r\n*2\r\n-ERR\r\n" + os.urandom(4093)) * (size // 4110 + 1)
+    body = body[:size]
     try:
-        await store.client.set(redis_prefix + ":e:t:key", b"not msgpack of an entry")
-        assert await store.get("t:key") is None
+        assert await store.put("t:key", full_entry(body), 60)
+        first, second = await store.get("t:key"), await store.get("t:key")  # the second on a reused connection
+        together = await asyncio.gather(*[store.get("t:key") for _ in range(8)])
     finally:
         await store.close()
+    for loaded in (first, second, *together):
+        assert loaded is not None and bytes(loaded.body) == body and loaded == full_entry(body)
+
+
+async def test_a_hit_served_from_redis_is_the_upstreams_large_body_byte_for_byte(gateway_kit, custom_upstream):
+    image = base64.b64encode(os.urandom(1_100_000)).decode()  # a 1.5 MB b64_json answer, like a high-quality image
+    answer = msgspec.json.encode({"created": 1, "data": [{"b64_json": image}],
+                                  "usage": {"input_tokens": 10, "output_tokens": 4160, "total_tokens": 4170}})
+
+    async def upstream(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    prefix = unique_prefix()
+    try:
+        gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream)},
+                                           "cache": {"backend": "redis", "redis_url": REDIS_URL, "key_prefix": prefix}})
+        miss = await post(gateway, GENERATIONS, json=BASE)
+        await asyncio.gather(*cache_plugin(gateway)._tasks)
+        hit = await post(gateway, GENERATIONS, json=BASE)
+    finally:
+        await delete_prefix(prefix)
+    assert (miss.cache, hit.cache) == ("MISS", "HIT")
+    assert hit.body == miss.body == answer
+    assert int(hit.headers["content-length"]) == len(answer)
+
+
+async def test_an_entry_of_the_older_format_is_a_miss_not_an_error_and_the_next_store_replaces_it(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
+    older = msgspec.msgpack.encode(full_entry(b"{}"))  # the whole entry as one msgpack string value
+    try:
+        await store.client.set(redis_prefix + ":e:t:key", older)
+        assert await store.get("t:key") is None
+        assert (store.up, store.errors) == (True, 0)  # Redis is fine: no cool-down, no warning
+        assert await store.put("t:key", full_entry(b"{}"), 60)
+        assert await store.get("t:key") == full_entry(b"{}")
+    finally:
+        await store.close()
+
+
+async def test_a_redis_hash_of_another_shape_is_a_miss(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
+    try:
+        await store.client.hset(redis_prefix + ":e:t:key", mapping={"h": b"not msgpack of an entry", "b": b"{}"})
+        await store.client.hset(redis_prefix + ":e:t:other", mapping={"head": b"", "body": b"{}"})
+        assert await store.get("t:key") is None
+        assert await store.get("t:other") is None
+        assert store.errors == 0
+    finally:
+        await store.close()
+
+
+async def test_a_hit_cancelled_while_its_body_arrives_leaves_no_half_read_reply_behind(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 1.0, 1.0)
+    large, small = full_entry(os.urandom(3_000_000)), full_entry(b'{"small": true}')
+    try:
+        await store.put("t:large", large, 60)
+        await store.put("t:small", small, 60)
+        for delay in (0, 0.0005, 0.002):
+            reading = asyncio.ensure_future(store.get("t:large"))
+            await asyncio.sleep(delay)
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+            assert await store.get("t:small") == small
+            assert await store.get("t:large") == large
+    finally:
+        await store.close()
+
+
+async def test_a_large_entry_that_keeps_arriving_is_not_cut_off_by_the_redis_timeout(redis_prefix):
+    # redis_timeout_s bounds silence, like a socket timeout, not the whole transfer: through a slow
+    # link, 1.5 MB takes several timeouts to arrive.
+    async with slow_link_to_redis(piece_bytes=128 * 1024, pause_s=0.03) as port:
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", redis_prefix, 0.1, 1.0)
+        stored = full_entry(os.urandom(1_500_000))
+        try:
+            assert await store.put("t:key", stored, 60)
+            loaded, elapsed = await timed(store.get("t:key"))
+        finally:
+            await store.close()
+    assert loaded == stored and elapsed > 0.2 and store.errors == 0
+
+
+@contextlib.asynccontextmanager
+async def slow_link_to_redis(piece_bytes: int, pause_s: float) -> AsyncIterator[int]:
+    """A TCP relay to the real Redis that passes its answers on a piece at a time, pausing between."""
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", 6379)
+
+        async def requests() -> None:
+            while data := await client_reader.read(65536):
+                redis_writer.write(data)
+            redis_writer.close()
+
+        forwarding = asyncio.ensure_future(requests())
+        try:
+            while data := await redis_reader.read(piece_bytes):
+                client_writer.write(data)
+                await asyncio.sleep(pause_s)
+        finally:
+            forwarding.cancel()
+            client_writer.close()
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_redis_entries_are_read_with_the_urls_password_and_database(redis_prefix):
+    with password_redis("s3cret") as port:
+        store = RedisStore(f"redis://:s3cret@127.0.0.1:{port}/3", redis_prefix, 0.5, 1.0)
+        client = redis.Redis(port=port, password="s3cret", db=3)
+        try:
+            assert await store.put("t:key", full_entry(b"{}"), 60)
+            assert await store.get("t:key") == full_entry(b"{}")
+            assert await client.exists(redis_prefix + ":e:t:key") == 1  # in database 3
+        finally:
+            await store.close()
+            await client.aclose()
+
+
+async def test_a_wrong_redis_password_is_a_miss_and_a_warning(redis_prefix):
+    with password_redis("s3cret") as port:
+        store = RedisStore(f"redis://:wrong@127.0.0.1:{port}/0", redis_prefix, 0.5, 30.0)
+        try:
+            with capture_logs() as logs:
+                assert await store.get("t:key") is None
+        finally:
+            await store.close()
+    assert store.up is False and [log["event"] for log in logs] == ["cache redis unavailable: serving misses"]
+
+
+async def test_a_tls_redis_url_reads_entries_through_redis_py(redis_prefix, tmp_path):
+    key, certificate = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(certificate)], check=True, capture_output=True)
+    port = free_port()
+    with redis_server("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certificate),
+                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(certificate), "--tls-auth-clients", "no"):
+        store = RedisStore(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none", redis_prefix, 0.5, 1.0)
+        try:
+            assert store.cache.reader is None  # the entry reader speaks plain TCP only
+            assert await store.put("t:key", full_entry(b"{}"), 60)
+            assert await store.get("t:key") == full_entry(b"{}")
+        finally:
+            await store.close()
+
+
+@contextlib.contextmanager
+def redis_server(*arguments: str) -> Iterator[subprocess.Popen[bytes]]:
+    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *arguments],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)  # redis-server listens within a few milliseconds
+        yield server
+    finally:
+        server.kill()
+        server.wait()
+
+
+@contextlib.contextmanager
+def password_redis(password: str) -> Iterator[int]:
+    port = free_port()
+    with redis_server("--port", str(port), "--requirepass", password):
+        yield port
 
 
 async def test_the_redis_lock_is_taken_once_and_released_only_by_its_owner(redis_prefix):
