@@ -479,6 +479,7 @@ class EntryReader:
         self._hello = b"".join(hello)
         self._hello_replies = len(hello)
         self._idle: list[_ReplyProtocol] = []
+        self._closing = False
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float) -> EntryReader | None:
@@ -515,7 +516,9 @@ class EntryReader:
             if protocol is not None:
                 protocol.close()
             raise
-        if not protocol.closed:
+        if self._closing:
+            protocol.close()  # the store closed while this read was under way
+        elif not protocol.closed:
             self._idle.append(protocol)
         if isinstance(reply, ResponseError):
             raise reply
@@ -528,7 +531,9 @@ class EntryReader:
                 return protocol
         return None
 
-    def close(self) -> None:
+    def close(self, final: bool = False) -> None:
+        """Close the idle connections; when `final`, also those of reads under way as they end."""
+        self._closing = self._closing or final
         while self._idle:
             self._idle.pop().close()
 
@@ -631,7 +636,7 @@ class RedisEntryCache(RedisCache):
 
     async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
         if self.reader is not None:
-            self.reader.close()
+            self.reader.close(final=True)
         await self.client.aclose()
 
 

@@ -210,6 +210,24 @@ async def test_a_hit_cancelled_while_its_body_arrives_leaves_no_half_read_reply_
         await store.close()
 
 
+async def test_closing_the_store_leaves_no_connection_open_not_even_of_a_read_under_way(own_redis):
+    await own_redis.start()
+    store = RedisStore(own_redis.url, "gk:close", 1.0, 1.0)
+    observer = redis.from_url(own_redis.url)
+    stored = full_entry(os.urandom(3_000_000))
+    try:
+        await store.put("t:key", stored, 60)
+        await asyncio.gather(*[store.get("t:key") for _ in range(3)])  # three idle reader connections
+        reading = asyncio.ensure_future(store.get("t:key"))
+        await asyncio.sleep(0)
+        await store.close()
+        assert await reading == stored
+        await asyncio.sleep(0.05)
+        assert len(await observer.client_list()) == 1  # the observer itself
+    finally:
+        await observer.aclose()
+
+
 async def test_a_large_entry_that_keeps_arriving_is_not_cut_off_by_the_redis_timeout(redis_prefix):
     # redis_timeout_s bounds silence, like a socket timeout, not the whole transfer: through a slow
     # link, 1.5 MB takes several timeouts to arrive.
