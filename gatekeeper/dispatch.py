@@ -64,17 +64,20 @@ class Hooks:
         self.pm = pm
         self._order: dict[str, list[_Impl]] = {}
         self._callers: dict[tuple[str, tuple[str, ...]], tuple[Callable[..., Any], ...]] = {}
+        self._flow_callers: dict[str, tuple[Callable[[Any], Any], ...]] = {}  # by name: the stages' fast path
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         registered = self.pm.register(plugin, name=name)
         self._order.clear()
         self._callers.clear()
+        self._flow_callers.clear()
         return registered
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
         removed = self.pm.unregister(plugin=plugin, name=name)
         self._order.clear()
         self._callers.clear()
+        self._flow_callers.clear()
         return removed
 
     def impls(self, name: str) -> list[_Impl]:
@@ -107,11 +110,14 @@ class Hooks:
 
     def flow_callers(self, name: str) -> tuple[Callable[[Any], Any], ...]:
         """`callers` of a hook whose only argument is ``flow``: each is ``call(flow)``."""
-        return self.callers(name, _FLOW)
+        callers = self._flow_callers.get(name)
+        if callers is None:
+            callers = self._flow_callers[name] = self.callers(name, _FLOW)
+        return callers
 
     async def flow_first(self, name: str, flow: Any) -> Any:
         """`call_first` for a hook that takes only ``flow``."""
-        for call in self.flow_callers(name):
+        for call in self._flow_callers.get(name) or self.flow_callers(name):
             result = call(flow)
             if _awaitable(result):
                 result = await result
@@ -121,7 +127,7 @@ class Hooks:
 
     async def flow_all(self, name: str, flow: Any) -> None:
         """`call_all` for a hook that takes only ``flow``, when the results don't matter."""
-        for call in self.flow_callers(name):
+        for call in self._flow_callers.get(name) or self.flow_callers(name):
             result = call(flow)
             if _awaitable(result):
                 await result

@@ -94,7 +94,7 @@ class Flow:
 
     __slots__ = (
         "request", "request_id", "method", "path", "route", "query_string", "headers", "body",
-        "client_ip", "time_start", "started", "time_end", "_json", "principal", "canonical",
+        "client_ip", "time_start", "started", "time_end", "_json", "_content_type", "principal", "canonical",
         "cache_key", "cache_status", "upstream_name", "response", "status", "attempts",
         "upstream_request_id", "openai_organization", "openai_project", "upstream_latency_s",
         "collect_response_body", "response_body", "usage", "annotations", "annotations_pending", "cost_usd", "saved_usd", "outcome",
@@ -115,6 +115,7 @@ class Flow:
         self.started = time.perf_counter()
         self.time_end: float | None = None
         self._json: Any = _UNSET
+        self._content_type: str | None = None
         self.principal: Principal | None = None
         self.canonical: bytes | None = None
         self.cache_key: str | None = None
@@ -144,7 +145,11 @@ class Flow:
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+        """The request's media type, lower case, without parameters ("multipart/form-data")."""
+        content_type = self._content_type
+        if content_type is None:
+            content_type = self._content_type = self.headers.get("content-type", "").partition(";")[0].strip().lower()
+        return content_type
 
     @property
     def json(self) -> Any:
