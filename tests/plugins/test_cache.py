@@ -113,6 +113,43 @@ async def test_a_hit_restores_usage_and_annotations_on_the_flow(gateway_kit, cac
     assert on_hit[2] == "cache_hit"
 
 
+async def test_annotations_added_after_the_response_are_stored_with_the_entry(gateway_kit, fake_upstream,
+                                                                             cache_overrides):
+    from gatekeeper import hookimpl
+
+    release = asyncio.Event()
+    seen_on_hits: list[object] = []
+
+    class LateFacts:
+        """Derives a fact the client need not wait for, the way the audit hashes a large answer."""
+
+        name = "late_facts"
+
+        @hookimpl
+        def exchange_complete(self, flow):
+            if flow.cache_status == "HIT":
+                seen_on_hits.append(flow.annotations.get("late"))
+                return
+
+            async def derive():
+                await release.wait()
+                flow.annotations["late"] = "known after the response"
+
+            flow.annotate_later(asyncio.ensure_future(derive()))
+
+    gateway = await gateway_kit.start(cache_overrides, plugins=[LateFacts()])
+    first = await asyncio.wait_for(post(gateway, GENERATIONS, json=BASE), 5)  # not held for the fact
+    assert first.cache == "MISS"
+    second = asyncio.create_task(post(gateway, GENERATIONS, json=BASE))
+    await asyncio.sleep(0.2)
+    assert not second.done(), "the entry was stored before its annotations were complete"
+    release.set()
+    second_answer = await asyncio.wait_for(second, 5)
+    assert second_answer.cache == "HIT" and second_answer.body == first.body
+    assert fake_upstream.count(GENERATIONS) == 1
+    assert seen_on_hits == ["known after the response"]
+
+
 async def test_non_cacheable_routes_carry_no_cache_header(gateway_kit, fake_upstream, cache_overrides):
     gateway = await gateway_kit.start(cache_overrides)
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
