@@ -17,6 +17,7 @@ import time
 import msgspec
 
 from gatekeeper.logs import get_logger, redact_text, secrets_registered
+from gatekeeper.memo import BoundedMemo
 
 __all__ = ["AccessLine", "AccessLog"]
 
@@ -52,7 +53,7 @@ class AccessLog:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._second = -1
         self._second_text = ""
-        self._clean_memo: dict[str, str] = {}
+        self._clean_memo: BoundedMemo[str, str] = BoundedMemo(_CLEAN_MEMO_SIZE)
         self._clean_secrets = 0  # secrets_registered() when the memo was filled
         self._console = get_logger("gatekeeper.access")
 
@@ -72,10 +73,7 @@ class AccessLog:
             self._clean_secrets = secrets_registered()
         cleaned = self._clean_memo.get(value)
         if cleaned is None:
-            cleaned = redact_text(value)[:300]
-            if len(self._clean_memo) >= _CLEAN_MEMO_SIZE:
-                self._clean_memo.clear()
-            self._clean_memo[value] = cleaned
+            cleaned = self._clean_memo.remember(value, redact_text(value)[:300])
         return cleaned
 
     def record(self, line: AccessLine) -> None:

@@ -30,6 +30,7 @@ from gatekeeper.config import Config
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
 from gatekeeper.logs import get_logger, register_secret
+from gatekeeper.memo import BoundedMemo
 from gatekeeper.plugins import PluginSet, build_hooks
 
 __all__ = ["Gateway", "GATEWAY", "PRINCIPAL", "make_app", "normalize_path"]
@@ -92,7 +93,7 @@ class Gateway:
         self.in_flight = 0
         self.draining = False
         self.admin_routes: dict[tuple[str, str], Handler] = {}
-        self._paths: dict[str, str] = {}  # raw path -> normalized path (or _UNSAFE)
+        self._paths: BoundedMemo[str, str] = BoundedMemo(_PATH_MEMO_SIZE)  # raw path -> normalized (or _UNSAFE)
         self._max_body = config.server.max_body_bytes
         self._max_concurrency = config.server.max_concurrency
         server = config.server
@@ -148,10 +149,7 @@ class Gateway:
         path = normalize_path(raw_path)
         if _UNSAFE_PATH.search(path):
             path = _UNSAFE
-        if len(self._paths) >= _PATH_MEMO_SIZE:
-            self._paths.clear()
-        self._paths[raw_path] = path
-        return path
+        return self._paths.remember(raw_path, path)
 
     async def ready(self, _request: web.Request) -> web.Response:
         checks: dict[str, Any] = {}

@@ -16,6 +16,8 @@ from typing import Any
 
 import pluggy
 
+from gatekeeper.memo import BoundedMemo
+
 __all__ = ["Hooks"]
 
 _Impl = tuple[Callable[..., Any], tuple[str, ...]]
@@ -36,12 +38,12 @@ def _awaitable(result: Any) -> bool:
     known = _awaitable_types.get(cls)
     if known is None:
         known = inspect.isawaitable(result)
-        if cls is not types.GeneratorType and len(_awaitable_types) < 256:
-            _awaitable_types[cls] = known
+        if cls is not types.GeneratorType:
+            _awaitable_types.remember(cls, known)
     return known
 
 
-_awaitable_types: dict[type, bool] = {}
+_awaitable_types: BoundedMemo[type, bool] = BoundedMemo(256)
 
 
 def _positional_caller(name: str, function: Callable[..., Any], argnames: tuple[str, ...],

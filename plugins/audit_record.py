@@ -21,6 +21,7 @@ from msgspec import UNSET, UnsetType
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow
 from gatekeeper.logs import get_logger
+from gatekeeper.memo import BoundedMemo
 from gatekeeper.multipart import parse_form
 from gatekeeper_plugins.audit_images import b64decode
 
@@ -38,7 +39,7 @@ RECENT_FACTS_MAX = 256  # request bodies whose facts are remembered ...
 RECENT_FACTS_MAX_BODY = 16 * 1024  # ... when no larger than this
 
 _JsonFacts = tuple[dict[str, Any] | msgspec.Raw, str | None, str | None, list[str] | None]
-_recent_json_facts: dict[bytes, _JsonFacts] = {}
+_recent_json_facts: BoundedMemo[bytes, _JsonFacts] = BoundedMemo(RECENT_FACTS_MAX)
 _encode_sorted = msgspec.json.Encoder(order="sorted").encode
 
 
@@ -123,10 +124,7 @@ def _json_facts_of(body: bytes | UnsetType, document: dict[str, Any]) -> _JsonFa
         return _json_parts(document)
     known = _recent_json_facts.get(body)
     if known is None:
-        known = _json_parts(document)
-        if len(_recent_json_facts) >= RECENT_FACTS_MAX:
-            _recent_json_facts.clear()
-        _recent_json_facts[body] = known
+        known = _recent_json_facts.remember(body, _json_parts(document))
     return known
 
 

@@ -35,6 +35,7 @@ from gatekeeper.config import Config
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome
 from gatekeeper.logs import get_logger
+from gatekeeper.memo import BoundedMemo
 from gatekeeper_plugins.cache_backends import Entry, MemoryStore, RedisStore, tenant_tag
 from gatekeeper_plugins.cache_flight import FAILED, PASS, Flight, FlightBoard, UpstreamPump
 from gatekeeper_plugins.cache_metrics import CacheCollector
@@ -139,7 +140,7 @@ class Plugin:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._global_scope = settings.scope == "global"
         self._plain_controls = RequestControls(False, False, settings.ttl_s)  # a request with no cache headers
-        self._key_prefixes: dict[tuple[str, str, str | None], bytes] = {}
+        self._key_prefixes: BoundedMemo[tuple[str, str, str | None], bytes] = BoundedMemo(_KEY_PREFIX_MEMO)
         self._forwarders_seen: tuple[Callable[[Flow], Any], ...] | None = None
         self._forwarders_after_me: tuple[Callable[[Flow], Any], ...] = ()
 
@@ -240,10 +241,8 @@ class Plugin:
         memo_key = (method, path, scope_value)
         prefix = self._key_prefixes.get(memo_key)
         if prefix is None:
-            if len(self._key_prefixes) >= _KEY_PREFIX_MEMO:
-                self._key_prefixes.clear()
-            prefix = f"{method}\n{path}\n{'*' if scope_value is None else 't:' + scope_value}\n".encode()
-            self._key_prefixes[memo_key] = prefix
+            prefix = self._key_prefixes.remember(
+                memo_key, f"{method}\n{path}\n{'*' if scope_value is None else 't:' + scope_value}\n".encode())
         return prefix
 
     async def _lookup_hashed_in_thread(self, flow: Flow, prefix: bytes, canonical: bytes, scope_value: str | None,

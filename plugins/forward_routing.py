@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from gatekeeper.config import UpstreamConfig
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Outcome
+from gatekeeper.memo import BoundedMemo
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Router", "Upstream", "UpstreamCollector"]
 
@@ -143,7 +144,7 @@ class Router:
             self.upstreams.append(upstream)
         self.by_name = {u.name: u for u in self.upstreams}
         self.rng = rng or random.Random()
-        self._serving: dict[str | None, list[Upstream]] = {}  # by model; the upstreams never change
+        self._serving: BoundedMemo[str | None, list[Upstream]] = BoundedMemo(_SERVING_MEMO)  # by model; upstreams never change
 
     def candidates(self, model: str | None, pinned: str | None = None) -> list[Upstream]:
         """The upstreams to try for `model`, best first; only `pinned` when a plugin chose one.
@@ -159,9 +160,7 @@ class Router:
             return [upstream]
         serving = self._serving.get(model)
         if serving is None:
-            if len(self._serving) >= _SERVING_MEMO:
-                self._serving.clear()
-            serving = self._serving[model] = [u for u in self.upstreams if u.serves(model)]
+            serving = self._serving.remember(model, [u for u in self.upstreams if u.serves(model)])
         if not serving:
             raise GatewayError(404, f"No upstream serves the model {model!r}.", code="model_not_found", param="model")
         if len(serving) == 1:

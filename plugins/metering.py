@@ -27,6 +27,7 @@ from gatekeeper.config import Config, ConfigError, load_config
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome
 from gatekeeper.logs import get_logger
+from gatekeeper.memo import BoundedMemo
 from gatekeeper_plugins.metering_budgets import BudgetLedger, OverBudget, Reservation, estimate_micros
 from gatekeeper_plugins.metering_config import MeteringConfig, load_settings, store_from_settings
 from gatekeeper_plugins.metering_metrics import MeteringMetrics
@@ -118,7 +119,7 @@ class Plugin:
         self.metrics: MeteringMetrics | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None  # held so the loop keeps a reference
-        self._warned: dict[str, float] = {}
+        self._warned: BoundedMemo[str, float] = BoundedMemo(1000)  # when each warning was last logged
         self._take_settings(self.settings)
         self.ledger = BudgetLedger(self.settings.budgets, self.settings.key_budgets)
 
@@ -126,9 +127,10 @@ class Plugin:
         """The settings that can change live (on SIGHUP)."""
         self.prices = PriceBook(settings.prices)
         self.hit_fraction = settings.cache_hit_cost_fraction
-        self._priced_memo: dict[tuple[str | None, bool, bytes], _Priced] = {}
+        self._priced_memo: BoundedMemo[tuple[str | None, bool, bytes], _Priced] = BoundedMemo(_PRICED_MEMO_SIZE)
         # By the identity of a `usage` object (kept alive by the entry): every hit of one cache entry shares it.
-        self._priced_by_id: dict[tuple[int, str | None, bool], tuple[dict[str, Any], _Priced]] = {}
+        self._priced_by_id: BoundedMemo[tuple[int, str | None, bool], tuple[dict[str, Any], _Priced]] = BoundedMemo(
+            _PRICED_MEMO_SIZE)
         self.default_estimate = round_micros(settings.default_estimate_usd * 1_000_000)
 
     def describe(self) -> str:
@@ -423,10 +425,7 @@ class Plugin:
         if priced is None:
             tokens = tokens_from_usage(usage, image_route)
             exact = None if tokens is None else self.prices.token_cost(model, tokens)
-            priced = _Priced(tokens, exact, self.hit_fraction, self._model_label(model))
-            if len(self._priced_memo) >= _PRICED_MEMO_SIZE:
-                self._priced_memo.clear()
-            self._priced_memo[key] = priced
+            priced = self._priced_memo.remember(key, _Priced(tokens, exact, self.hit_fraction, self._model_label(model)))
         return priced
 
     def _priced_hit(self, model: str | None, usage: dict[str, Any], image_route: bool) -> _Priced:
@@ -437,9 +436,7 @@ class Plugin:
         if known is not None and known[0] is usage:
             return known[1]
         priced = self._priced(model, usage, image_route)
-        if len(self._priced_by_id) >= _PRICED_MEMO_SIZE:
-            self._priced_by_id.clear()
-        self._priced_by_id[key] = (usage, priced)  # holding `usage` keeps its id from being reused
+        self._priced_by_id.remember(key, (usage, priced))  # holding `usage` keeps its id from being reused
         return priced
 
     def _image_cost(self, flow: Flow, model: str | None, images: int | None) -> Decimal | None:
@@ -458,9 +455,7 @@ class Plugin:
             self.metrics.child(self.metrics.unpriced, self._model_label(model)).inc()
         now = time.monotonic()
         if now - self._warned.get(name, -_WARN_EVERY_S) >= _WARN_EVERY_S:
-            if len(self._warned) > 1000:
-                self._warned.clear()
-            self._warned[name] = now
+            self._warned.remember(name, now)
             log.warning("no price for this model: usage recorded with a null cost; add [metering.prices]",
                         model=name)
 
