@@ -219,9 +219,9 @@ class Plugin:
         released."""
         if self.required and self.log.broken:
             raise _unavailable()  # exchange_error records the refusal
-        unhashed = self._unhashed_images(flow)
         if self.wait_for_disk:
             return self._complete_and_wait(flow)
+        unhashed = self._unhashed_images(flow)
         if (self.name in flow.scratch  # a facts task from check_request
                 or (unhashed is not None and len(unhashed) > OFF_LOOP_BYTES) or self._hashes_inputs_off_loop(flow)):
             # Nothing waits for a batch record, so the client need not wait for the hashing
