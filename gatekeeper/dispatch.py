@@ -66,7 +66,7 @@ class Hooks:
         self.pm = pm
         self._order: dict[str, list[_Impl]] = {}
         self._callers: dict[tuple[str, tuple[str, ...]], tuple[Callable[..., Any], ...]] = {}
-        self._flow_callers: dict[str, tuple[Callable[[Any], Any], ...]] = {}  # by name: the stages' fast path
+        self._flow_callers: dict[str, tuple[Callable[[Any], Any], ...]] = {}  # by name alone: one lookup per stage
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         registered = self.pm.register(plugin, name=name)
@@ -119,7 +119,7 @@ class Hooks:
 
     async def flow_first(self, name: str, flow: Any) -> Any:
         """`call_first` for a hook that takes only ``flow``."""
-        for call in self._flow_callers.get(name) or self.flow_callers(name):
+        for call in self.flow_callers(name):
             result = call(flow)
             if _awaitable(result):
                 result = await result
@@ -129,7 +129,7 @@ class Hooks:
 
     async def flow_all(self, name: str, flow: Any) -> None:
         """`call_all` for a hook that takes only ``flow``, when the results don't matter."""
-        for call in self._flow_callers.get(name) or self.flow_callers(name):
+        for call in self.flow_callers(name):
             result = call(flow)
             if _awaitable(result):
                 await result
