@@ -51,6 +51,10 @@ log = get_logger("gatekeeper.audit")
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 OFF_LOOP_BYTES = 256 * 1024  # bodies above this are hashed in a worker thread, off the event loop
+# Batch mode hashes large answers after the response is released; the bodies waiting for that
+# stay in memory. Past this many bytes waiting, a response waits for its own hashing instead, so
+# a gateway whose hashing falls behind (a CPU-starved container) slows down rather than growing.
+LATER_MAX_BYTES = 32 * 1024 * 1024
 SHUTDOWN_FLUSH_S = 10.0
 
 
@@ -125,6 +129,7 @@ class Plugin:
         self._batch_timer: asyncio.TimerHandle | None = None
         self._groups: dict[bool, tuple[list[RequestRecord], asyncio.Future[int]]] = {}  # by `retain`
         self._later: set[asyncio.Task[None]] = set()  # batch records still hashing their images
+        self._later_bytes = 0  # the bodies those hold (request and answer)
 
     def describe(self) -> str:
         chain = "HMAC-signed chain" if self.key else "sha256 chain"
@@ -228,7 +233,10 @@ class Plugin:
             # either: the record is built when the worker thread is done, and the cache stores
             # the entry with the image hashes then (flow.annotate_later).
             self._state(flow)["submitted"] = True
-            flow.annotate_later(self._complete_later(flow))
+            held = len(flow.body) + (len(unhashed) if unhashed is not None else 0)
+            if self._later and self._later_bytes + held > LATER_MAX_BYTES:
+                return self._complete_in_background(flow)  # the hashing is behind: this one waits
+            flow.annotate_later(self._complete_later(flow, held))
             return None
         if unhashed is not None:
             self._keep_image_facts(flow, analyze_images_body(unhashed, self._is_event_stream(flow)))
@@ -236,11 +244,16 @@ class Plugin:
         self._collect(capture(flow, None, flow.annotations, None, self.log_prompts))
         return None
 
-    def _complete_later(self, flow: Flow) -> asyncio.Task[None]:
+    def _complete_later(self, flow: Flow, held: int) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._complete_in_background(flow))
         self._later.add(task)
-        task.add_done_callback(self._later.discard)
+        self._later_bytes += held
+        task.add_done_callback(lambda done: self._done_later(done, held))
         return task
+
+    def _done_later(self, task: asyncio.Task[None], held: int) -> None:
+        self._later.discard(task)
+        self._later_bytes -= held
 
     async def _complete_in_background(self, flow: Flow) -> None:
         try:

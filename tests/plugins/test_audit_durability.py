@@ -256,6 +256,30 @@ async def test_in_batch_mode_a_large_answer_is_released_before_its_images_are_ha
     verify_ok(audit_path)
 
 
+async def test_in_batch_mode_once_the_hashing_falls_behind_a_response_waits_for_its_own(
+        gateway_kit, audit_path, hashing, monkeypatch):
+    import gatekeeper_plugins.audit as audit_module
+
+    monkeypatch.setattr(audit_module, "LATER_MAX_BYTES", 1)  # one answer waiting is already too many
+    gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
+    status, first, _ = await asyncio.wait_for(post_generation(gateway, "released first"), 5)
+    assert status == 200, "the first answer waiting for its hashing is released at once"
+    assert await asyncio.to_thread(hashing.entered.wait, 5)
+
+    second = asyncio.create_task(post_generation(gateway, "held back"))
+    await asyncio.sleep(0.3)
+    assert not second.done(), "a second answer was released while the first still held its body for hashing"
+    hashing.release.set()
+    status, held, _ = await asyncio.wait_for(second, 5)
+    assert status == 200
+
+    await gateway_kit.stop_all()
+    records = {r["request_id"]: r for r in read_records(audit_path)}
+    for headers in (first, held):
+        assert len(records[headers["x-gatekeeper-request-id"]]["output_image_sha256"]) == 1
+    verify_ok(audit_path)
+
+
 async def test_shutdown_waits_for_records_whose_images_are_still_being_hashed(gateway_kit, audit_path, hashing):
     gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
     status, headers, _ = await asyncio.wait_for(post_generation(gateway, "hashed at shutdown"), 5)
