@@ -27,6 +27,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError, ResponseError
 
 from gatekeeper.logs import get_logger
+from gatekeeper.memo import BoundedMemo
 
 __all__ = ["Entry", "entry_size", "LRUMemoryCache", "RedisEntryCache", "MemoryStore", "RedisStore", "tenant_tag"]
 
@@ -189,7 +190,8 @@ class _Packed(msgspec.Struct, gc=False):
 
     The cyclic GC never stops tracking a dict that holds a dict, and a full collection walks every
     tracked object: kept as dicts, a cache of small entries made those walks pauses of 100 ms and
-    more. Packed, an entry holds nothing the GC tracks; a hit decodes the two (about 1 us).
+    more. Packed, an entry holds nothing the GC tracks; the entries hit lately have the two decoded
+    once (`_unpack`), a few hundred dicts in all.
     """
 
     entry: Entry  # with usage None and annotations {}
@@ -204,10 +206,21 @@ def _pack(entry: Entry) -> _Packed:
 
 
 def _unpack(packed: _Packed) -> Entry:
-    if packed.extras is None:
+    extras = packed.extras
+    if extras is None:
         return packed.entry
-    usage, annotations = _decode_extras(packed.extras)
-    return msgspec.structs.replace(packed.entry, usage=usage, annotations=annotations)
+    decoded = _recent_extras.get(extras)  # bytes keep their hash: a repeat costs one lookup
+    if decoded is None:
+        decoded = _recent_extras.remember(extras, _decode_extras(extras))
+    usage, annotations = decoded
+    # The same `usage` for every hit of an entry lets metering find its price by identity;
+    # `annotations` is the flow's own, for plugins to add to.
+    return msgspec.structs.replace(packed.entry, usage=usage, annotations=dict(annotations))
+
+
+# The extras of the entries hit lately, decoded: a few hundred dicts for the GC to walk, not one
+# per entry.
+_recent_extras: BoundedMemo[bytes, tuple[dict[str, Any] | None, dict[str, Any]]] = BoundedMemo(256)
 
 
 def _packed_size(packed: _Packed) -> int:

@@ -486,3 +486,17 @@ def test_the_memory_store_keeps_nothing_the_garbage_collector_tracks_and_gives_b
     restored = store.get_now("k")
     assert (restored.usage, restored.annotations, restored.body, restored.model) == (usage, annotations, b"{}", "gpt-image-1")
     assert restored.annotations is not store.get_now("k").annotations  # each hit gets its own
+
+
+def test_memory_hits_of_one_entry_share_its_usage_and_each_get_their_own_annotations():
+    # Metering prices a hit's usage by identity (no encoding per hit); plugins add to annotations.
+    from gatekeeper_plugins.cache_backends import MemoryStore
+
+    store = MemoryStore(max_bytes=1_000_000)
+    entry = Entry(status=200, headers=(("content-type", "application/json"),), body=b"{}", created=1.0,
+                  usage={"input_tokens": 7, "output_tokens": 9}, annotations={"c2pa": [False]})
+    assert store.put_now("k", entry, 60)
+    first, second = store.get_now("k"), store.get_now("k")
+    assert first.usage is second.usage == {"input_tokens": 7, "output_tokens": 9}
+    first.annotations["added_by_a_plugin"] = True
+    assert store.get_now("k").annotations == {"c2pa": [False]}
