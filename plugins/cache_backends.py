@@ -572,11 +572,22 @@ class EntrySerializer(BaseSerializer):
         head, body = value
         if head is None or body is None:
             return None
-        try:
-            entry = self._decode(head)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None  # written by another version: a miss, overwritten on the next store
-        return msgspec.structs.replace(entry, body=body)
+        remembered = type(head) is bytes  # a head over 16 KiB arrives as a bytearray: not hashable
+        entry = _recent_heads.get(head) if remembered else None  # a repeat: one hash of it, no decode
+        if entry is None:
+            try:
+                entry = self._decode(head)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return None  # written by another version: a miss, overwritten on the next store
+            if remembered:
+                _recent_heads.remember(head, entry)
+        # As from the memory store: the same `usage` for every hit of an entry, and
+        # `annotations` of each flow's own.
+        return msgspec.structs.replace(entry, body=body, annotations=dict(entry.annotations))
+
+
+# The heads of the Redis entries hit lately, decoded (by their bytes: what Redis holds is the truth).
+_recent_heads: BoundedMemo[bytes, Entry] = BoundedMemo(256)
 
 
 class RedisEntryCache(RedisCache):

@@ -167,6 +167,34 @@ async def test_a_hit_served_from_redis_is_the_upstreams_large_body_byte_for_byte
     assert int(hit.headers["content-length"]) == len(answer)
 
 
+async def test_redis_hits_of_one_entry_share_its_usage_and_each_get_their_own_annotations(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.5, 1.0)
+    try:
+        assert await store.put("t:key", full_entry(b"{}"), 60)
+        first, second = await store.get("t:key"), await store.get("t:key")
+        first.annotations["added_by_a_plugin"] = True
+        third = await store.get("t:key")
+        # Stored again with other usage: the new head is read, not the one remembered.
+        assert await store.put("t:key", msgspec.structs.replace(full_entry(b"{}"), usage={"input_tokens": 1}), 60)
+        replaced = await store.get("t:key")
+    finally:
+        await store.close()
+    assert first.usage is second.usage == {"input_tokens": 50, "output_tokens": 4160}
+    assert third.annotations == {"output_image_sha256": ["ab" * 32]}
+    assert replaced.usage == {"input_tokens": 1}
+
+
+async def test_a_redis_entry_whose_head_is_over_16_kib_is_read_back_too(redis_prefix):
+    store = RedisStore(REDIS_URL, redis_prefix, 0.5, 1.0)
+    stored = msgspec.structs.replace(full_entry(b"{}"), annotations={"long": "x" * 20_000})
+    try:
+        assert await store.put("t:key", stored, 60)
+        first, second = await store.get("t:key"), await store.get("t:key")
+    finally:
+        await store.close()
+    assert first == stored and second == stored
+
+
 async def test_an_entry_of_the_older_format_is_a_miss_not_an_error_and_the_next_store_replaces_it(redis_prefix):
     store = RedisStore(REDIS_URL, redis_prefix, 0.1, 1.0)
     older = msgspec.msgpack.encode(full_entry(b"{}"))  # the whole entry as one msgpack string value
