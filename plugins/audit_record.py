@@ -330,12 +330,21 @@ def complete(record: RequestRecord) -> RequestRecord:
     record.latency_ms = int(record.latency_ms * 1000.0 + 0.5) / 1000.0  # to the microsecond; round() costs 3x
     usage = record.usage
     if usage is not None:
-        try:
-            record.usage = msgspec.Raw(_encode_sorted(usage))
-        except (TypeError, ValueError, msgspec.EncodeError):
-            pass  # left as it is: the seal replaces the record by one that says why
+        known = _recent_usage.get(id(usage))
+        if known is not None and known[0] is usage:  # every hit of a cache entry shares its usage
+            record.usage = known[1]
+        else:
+            try:
+                record.usage = _recent_usage.remember(id(usage), (usage, msgspec.Raw(_encode_sorted(usage))))[1]
+            except (TypeError, ValueError, msgspec.EncodeError):
+                pass  # left as it is: the seal replaces the record by one that says why
     record._body = record._started = record._ended = record._request = record._log_prompts = UNSET
     return record
+
+
+# The usage of the records completed lately, encoded, by identity (holding each usage keeps its id
+# from being reused). Writer thread only.
+_recent_usage: BoundedMemo[int, tuple[Any, msgspec.Raw]] = BoundedMemo(256)
 
 
 def _model(flow: Flow) -> str | None:
