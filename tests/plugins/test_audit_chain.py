@@ -425,3 +425,15 @@ def test_a_body_too_large_to_remember_is_not_kept_and_still_gets_its_facts(log_p
     assert capture(flow, None, flow.annotations, None, False)._body is msgspec.UNSET
     (line,) = write_request_records(log_path, [flow])
     assert json.loads(line)["prompt_sha256"] == hashlib.sha256(body["prompt"].encode()).hexdigest()
+
+
+def test_records_that_share_one_usage_as_cache_hits_do_each_carry_it_and_others_keep_their_own(log_path, capsys):
+    shared = {"output_tokens": 4160, "input_tokens": 50}
+    flows = [request_flow({"prompt": "hit"}, usage=shared, request_id=f"hit_{i}") for i in range(3)]
+    flows.append(request_flow({"prompt": "other"}, usage={"output_tokens": 7}, request_id="other"))
+    flows.append(request_flow({"prompt": "odd"}, usage={"tokens": object()}, request_id="odd"))
+    records = [json.loads(line) for line in write_request_records(log_path, flows)]
+    assert [r["usage"] for r in records[:3]] == [{"input_tokens": 50, "output_tokens": 4160}] * 3
+    assert records[3]["usage"] == {"output_tokens": 7}
+    assert records[4]["error"].startswith("audit record could not be encoded")
+    assert verify(capsys, str(log_path))[0] == 0
