@@ -128,8 +128,8 @@ class Plugin:
         self._batch_started = 0.0
         self._batch_timer: asyncio.TimerHandle | None = None
         self._groups: dict[bool, tuple[list[RequestRecord], asyncio.Future[int]]] = {}  # by `retain`
-        self._later: set[asyncio.Task[None]] = set()  # batch records still hashing their images
-        self._later_bytes = 0  # the bodies those hold (request and answer)
+        # Batch records still hashing their images, with the bytes of the bodies each holds.
+        self._later: dict[asyncio.Task[None], int] = {}
 
     def describe(self) -> str:
         chain = "HMAC-signed chain" if self.key else "sha256 chain"
@@ -234,9 +234,13 @@ class Plugin:
             # the entry with the image hashes then (flow.annotate_later).
             self._state(flow)["submitted"] = True
             held = len(flow.body) + (len(unhashed) if unhashed is not None else 0)
-            if self._later and self._later_bytes + held > LATER_MAX_BYTES:
-                return self._complete_in_background(flow)  # the hashing is behind: this one waits
-            flow.annotate_later(self._complete_later(flow, held))
+            behind = bool(self._later) and sum(self._later.values()) + held > LATER_MAX_BYTES
+            task = self._complete_later(flow, held)
+            if behind:
+                # The hashing is behind: this response waits for its own. Shielded, so a client
+                # that leaves meanwhile doesn't take the record with it.
+                return asyncio.shield(task)
+            flow.annotate_later(task)
             return None
         if unhashed is not None:
             self._keep_image_facts(flow, analyze_images_body(unhashed, self._is_event_stream(flow)))
@@ -246,14 +250,9 @@ class Plugin:
 
     def _complete_later(self, flow: Flow, held: int) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._complete_in_background(flow))
-        self._later.add(task)
-        self._later_bytes += held
-        task.add_done_callback(lambda done: self._done_later(done, held))
+        self._later[task] = held
+        task.add_done_callback(self._later.pop)
         return task
-
-    def _done_later(self, task: asyncio.Task[None], held: int) -> None:
-        self._later.discard(task)
-        self._later_bytes -= held
 
     async def _complete_in_background(self, flow: Flow) -> None:
         try:

@@ -280,6 +280,28 @@ async def test_in_batch_mode_once_the_hashing_falls_behind_a_response_waits_for_
     verify_ok(audit_path)
 
 
+async def test_a_client_that_leaves_while_its_answer_waits_for_the_hashing_still_gets_its_record(
+        gateway_kit, audit_path, hashing, monkeypatch):
+    import gatekeeper_plugins.audit as audit_module
+
+    monkeypatch.setattr(audit_module, "LATER_MAX_BYTES", 1)
+    gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
+    status, _, _ = await asyncio.wait_for(post_generation(gateway, "released first"), 5)
+    assert status == 200
+    assert await asyncio.to_thread(hashing.entered.wait, 5)
+
+    leaving = asyncio.create_task(post_generation(gateway, "client leaves"))
+    await asyncio.sleep(0.3)
+    leaving.cancel()  # the client hangs up while its answer waits for the hashing
+    await asyncio.sleep(0.2)
+    hashing.release.set()
+    await gateway_kit.stop_all()
+    records = read_records(audit_path)
+    assert len(records) == 2, "the record of the request whose client left was lost"
+    assert all(len(record["output_image_sha256"]) == 1 for record in records)
+    verify_ok(audit_path)
+
+
 async def test_shutdown_waits_for_records_whose_images_are_still_being_hashed(gateway_kit, audit_path, hashing):
     gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
     status, headers, _ = await asyncio.wait_for(post_generation(gateway, "hashed at shutdown"), 5)
