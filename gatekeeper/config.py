@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -67,7 +67,7 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     send_timeout_s: PositiveFloat = 60.0  # a client that reads nothing for this long is disconnected
     shutdown_timeout_s: float = 30.0
     write_buffer_bytes: PositiveInt = 1024 * 1024  # per-connection send buffer high-water mark
-    uvloop: bool = False
+    uvloop: bool | Literal["auto"] = "auto"  # "auto": uvloop when the package is installed
     access_log: bool = True
     log_level: str = "info"
     log_format: str = "auto"  # "json", "console", or "auto" (console on a TTY)
