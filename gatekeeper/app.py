@@ -396,6 +396,7 @@ class Gateway:
             held = chunk
         if collected is not None:
             flow.response_body = collected[0] if len(collected) == 1 else b"".join(collected)
+            collected = None  # the chunks are joined: not held while the last write waits for the client
         failure = await self._complete(flow)
         if failure is not None:
             await _abort(request)  # headers are gone: the only honest signal left is a broken stream

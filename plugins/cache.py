@@ -447,6 +447,9 @@ class Plugin:
         meta = flow.scratch.get("cache")
         if not isinstance(meta, CacheMeta) or meta.role == "hit":
             return
+        # The chunks kept in case the client left are not needed once it has its answer; the flow
+        # may live on a while (the annotations pending), and a large answer's chunks with it.
+        meta.parts = []
         if flow.annotations_pending:
             # The client has its answer; the entry (and the followers) wait for the annotations.
             self._spawn(self._store_when_annotated(flow, meta))
