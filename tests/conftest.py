@@ -1,4 +1,5 @@
 """Guards that hold for every test: the upstream key (a canary) never reaches a client or a log.
+And the modules that lean on the transport run on both event loops `gatekeeper serve` may use.
 
 Every kit gateway carries `CanaryGuard`, which records responses that contain the key; the
 fixture below fails the test that caused one. The report hook fails a test whose captured
@@ -7,7 +8,10 @@ stdout, stderr or log output contains the key.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+import uvloop
 
 from gatekeeper.testing.kit import CANARY_SIGHTINGS, UPSTREAM_KEY
 
@@ -31,3 +35,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
         report.outcome = "failed"
         report.longrepr = f"the upstream key appeared in captured output: {', '.join(leaked)}"
     return report
+
+
+# `gatekeeper serve` runs on uvloop by default ([server] uvloop = "auto") and on asyncio's own loop
+# where uvloop is missing or turned off. What these modules test leans on the transport (slow
+# clients and backpressure, streaming, raw HTTP, the Redis reader's buffered protocol), so their
+# async tests run on both; the rest run on asyncio's.
+BOTH_LOOPS = frozenset({
+    "test_forward_slow_clients.py", "test_forward_streams.py", "test_proxy_http.py",
+    "test_sdk_end_to_end.py", "test_cache_backends.py",
+})
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict:
+    if item.path.name in BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
