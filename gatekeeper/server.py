@@ -105,7 +105,9 @@ async def _serve(config: Config, ready_message: str | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     if not config.path.startswith("<"):
         loop.add_signal_handler(signal.SIGHUP, reload)
-    log.info("listening", url=running.url, event_loop=event_loop_name(config.server.uvloop))
+    # The loop actually running, not the setting: the demo runs `_serve` on asyncio's own loop.
+    running_loop = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+    log.info("listening", url=running.url, event_loop=running_loop)
     if ready_message:
         print(ready_message, flush=True)
     await stop.wait()
