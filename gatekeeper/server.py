@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_writer, web
 
 from gatekeeper.app import GATEWAY, Gateway, make_app
 from gatekeeper.config import Config, ConfigError, load_config
@@ -25,6 +25,7 @@ __all__ = ["RunningGateway", "event_loop_name", "start_gateway", "serve"]
 log = get_logger("gatekeeper.server")
 
 YOUNG_GC_THRESHOLD = 5000  # allocations of tracked objects between young collections (Python: 700)
+_AIOHTTP_SKIP_WRITELINES = http_writer.SKIP_WRITELINES  # aiohttp's own choice for asyncio's loop
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RunningGateway:
 async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = None,
                         host: str | None = None, port: int | None = None) -> RunningGateway:
     """Build the app and listen on the configured TCP address or unix socket."""
+    _unjoined_writes_on_uvloop(asyncio.get_running_loop())
     app = make_app(config, extra_plugins)
     server = config.server
     guards = ConnectionGuards(server.header_timeout_s, server.send_timeout_s, server.write_buffer_bytes)
@@ -73,6 +75,23 @@ async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = Non
         bound = sockets[0].getsockname()[1] if sockets else port
         url = f"http://{host or server.host}:{bound}"
     return RunningGateway(runner, app[GATEWAY], url)
+
+
+def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).__module__.startswith("uvloop")
+
+
+def _unjoined_writes_on_uvloop(loop: asyncio.AbstractEventLoop) -> None:
+    """On uvloop, let aiohttp hand a response's head and body to the transport unjoined.
+
+    Before Python 3.12.9 aiohttp joins the head and a body of any size into one new buffer before
+    writing (`http_writer.SKIP_WRITELINES`): asyncio's own `writelines` there joins anyway, or
+    (3.12.0-3.12.8) ignored write flow control (CVE-2024-12254). uvloop's `writelines` queues each
+    buffer as it is and sends them with one `writev`, under flow control, so on uvloop the join is
+    a needless copy: 1.5 MB per large image answer, about a tenth of a large hit's CPU
+    (docs/benchmarks.md). On asyncio's loop aiohttp's own choice stands.
+    """
+    http_writer.SKIP_WRITELINES = False if _is_uvloop(loop) else _AIOHTTP_SKIP_WRITELINES
 
 
 async def _serve(config: Config, ready_message: str | None = None) -> None:
@@ -106,7 +125,7 @@ async def _serve(config: Config, ready_message: str | None = None) -> None:
     if not config.path.startswith("<"):
         loop.add_signal_handler(signal.SIGHUP, reload)
     # The loop actually running, not the setting: the demo runs `_serve` on asyncio's own loop.
-    running_loop = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+    running_loop = "uvloop" if _is_uvloop(loop) else "asyncio"
     log.info("listening", url=running.url, event_loop=running_loop)
     if ready_message:
         print(ready_message, flush=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
 import time
 
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
+from aiohttp import http_writer, web
 
 from gatekeeper import hookimpl
 from gatekeeper.flow import Flow
@@ -201,3 +204,53 @@ async def test_dot_segments_resolve_the_same_way_every_time(gateway, fake_upstre
         status, response = await raw_request(gateway.url, "/v1/images/../../health")
         assert status == 200 and b'"status"' in response
     assert fake_upstream.count() == 0
+
+
+async def slow_raw_post(url: str, path: str, body: bytes) -> tuple[bytes, bytes]:
+    """POST through a socket with a small receive buffer, read in small pieces with pauses: the
+    gateway's writes fill the socket and wait in the transport's queue. Returns (head, body)."""
+    host, port = url.split("//")[1].split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    received = bytearray()
+    while len(received) < length:
+        piece = await reader.read(16 * 1024)
+        assert piece, "the connection ended before the whole body"
+        received += piece
+        if len(received) % (256 * 1024) < 16 * 1024:
+            await asyncio.sleep(0.01)
+    writer.close()
+    return head, bytes(received)
+
+
+async def test_a_large_answer_reaches_a_slow_reader_whole_from_the_upstream_and_from_the_cache(gateway_kit, custom_upstream):
+    # On uvloop the head and the body go to the transport unjoined (one vectored write); a client
+    # that reads slowly leaves them queued there, and must still get every byte in order.
+    answer = msgspec.json.encode({"created": 1, "data": [{"b64_json": base64.b64encode(os.urandom(3 * 1024 * 1024)).decode()}],
+                                  "usage": {"total_tokens": 10, "input_tokens": 4, "output_tokens": 6}})
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=answer, content_type="application/json")
+
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream)}})
+    request_body = msgspec.json.encode({"model": "gpt-image-1.5", "prompt": "a large answer, slowly read"})
+    for cache_status in (b"miss", b"hit"):
+        head, body = await slow_raw_post(gateway.url, "/v1/images/generations", request_body)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert f"x-gatekeeper-cache: {cache_status.decode()}".encode() in head.lower()
+        assert body == answer
+
+
+async def test_head_and_body_are_written_unjoined_on_uvloop_and_as_aiohttp_chooses_on_asyncio(gateway):
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        assert http_writer.SKIP_WRITELINES is False
+    else:  # asyncio's writelines is unsafe or no faster before 3.12.9 (CVE-2024-12254): aiohttp's call
+        assert http_writer.SKIP_WRITELINES is (http_writer.IS_PY313_BEFORE_313_2 or http_writer.IS_PY_BEFORE_312_9)
