@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway_processes import free_port
+
 GATEKEEPER = [sys.executable, "-m", "gatekeeper"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_output(process: subprocess.Popen, pattern: str, timeout: float = 20.0) -> str:

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway_processes import free_port
 from gatekeeper import hookimpl
 from gatekeeper.app import PRINCIPAL
 from gatekeeper.errors import GatewayError
@@ -170,13 +171,6 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 
 @pytest.fixture
 def fake_upstream_process():
-    import socket
-
-    def free_port():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "gatekeeper", "fake-upstream", "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

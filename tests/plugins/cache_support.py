@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,6 +23,7 @@ import pytest_asyncio
 import redis.asyncio as redis
 from multidict import CIMultiDictProxy
 
+from gateway_processes import free_port
 from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -126,12 +126,6 @@ def merge(*parts: dict[str, Any]) -> dict[str, Any]:
     for part in parts:
         merged = deep_merge(merged, part)
     return merged
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import aiohttp
 import openai
 import pytest
 
+from gateway_processes import free_port
 from gatekeeper.cli import main
 from gatekeeper.server import RunningGateway
 from gatekeeper.testing.fake_upstream import FakeUpstream
@@ -481,12 +481,6 @@ async def test_a_full_tmpfs_answers_503_and_loses_no_record(gateway_kit, fake_up
 
 
 # ------------------------------------------------------------------ kill -9 under load
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(path: Path, upstream_url: str, port: int) -> None:

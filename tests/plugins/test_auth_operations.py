@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from gateway_processes import GatewayProcess, free_port
 
 from gatekeeper.cli import main
 from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY
@@ -85,12 +84,6 @@ def test_keys_hash_refuses_empty_input():
 # ---------------------------------------------------------------- SIGHUP
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def config_text(upstream_url: str, port: int, keys_toml: str) -> str:
     return f"""
 [server]
@@ -139,58 +132,41 @@ async def eventually(check, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 async def served(tmp_path, fake_upstream):
-    """A real `gatekeeper serve --config FILE` process; yields (url, process, config file, log file)."""
+    """A real `gatekeeper serve --config FILE` process, ready; yields it and its config file."""
     port = free_port()
     config_file = tmp_path / "config.toml"
     config_file.write_text(config_text(fake_upstream.base_url, port, CLIENT_ENTRY))
-    log_file = tmp_path / "gatekeeper.log"
-    with open(log_file, "w") as log:
-        process = subprocess.Popen([GATEKEEPER, "serve", "--config", str(config_file)], stdout=log, stderr=log,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-
-    async def ready() -> bool:
-        assert process.poll() is None, log_file.read_text()
-        try:
-            async with aiohttp.ClientSession() as session:
-                async with session.get(url + "/ready") as response:
-                    return response.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
+    gateway = GatewayProcess(config_file, port, tmp_path / "gatekeeper.log")
     try:
-        await eventually(ready, timeout=20)
-        yield url, process, config_file, log_file
+        await gateway.start()
+        yield gateway, config_file
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        output = log_file.read_text()
+        await gateway.stop()
+        output = gateway.log_text()
         assert UPSTREAM_KEY not in output and CLIENT_KEY not in output and NEW_KEY not in output
 
 
 async def test_sighup_reloads_keys_without_dropping_a_request_in_flight(served, fake_upstream):
-    url, process, config_file, log_file = served
+    gateway, config_file = served
+    url = gateway.url
     fake_upstream.inject(path="/v1/models", status=200, delay_s=1.5)
     in_flight = asyncio.create_task(get_status(url, CLIENT_KEY))
     await eventually(lambda: fake_upstream.count("/v1/models") == 1)
 
-    config_file.write_text(config_text(fake_upstream.base_url, int(url.rsplit(":", 1)[1]), NEW_ENTRY))
-    process.send_signal(signal.SIGHUP)
+    config_file.write_text(config_text(fake_upstream.base_url, gateway.port, NEW_ENTRY))
+    gateway.process.send_signal(signal.SIGHUP)
     await eventually(lambda: status_is(url, NEW_KEY, 200))
 
     assert await get_status(url, CLIENT_KEY) == 401  # dropped from the file, so refused from now on
     assert not in_flight.done()  # still waiting on the slow upstream, across the reload
     assert await in_flight == 200
-    assert "auth keys reloaded" in log_file.read_text()
+    assert "auth keys reloaded" in gateway.log_text()
 
 
 async def test_sighup_with_an_invalid_config_keeps_the_old_keys(served, fake_upstream):
-    url, process, config_file, log_file = served
+    gateway, config_file = served
     config_file.write_text(config_text(fake_upstream.base_url, 1, '[[auth.keys]]\nid = "broken"\ntenant = "t"\n'))
-    process.send_signal(signal.SIGHUP)
-    await eventually(lambda: "reload refused" in log_file.read_text())
-    assert await get_status(url, CLIENT_KEY) == 200
-    assert "broken" in log_file.read_text()  # the log names the bad entry
+    gateway.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: "reload refused" in gateway.log_text())
+    assert await get_status(gateway.url, CLIENT_KEY) == 200
+    assert "broken" in gateway.log_text()  # the log names the bad entry

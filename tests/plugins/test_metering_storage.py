@@ -6,7 +6,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import asyncpg
 import openai
 import pytest
 
+from gateway_processes import free_port
 from gatekeeper.testing.kit import ADMIN_KEY, UPSTREAM_KEY
 from gatekeeper_plugins.metering_store import UsageRow, store_for_url
 from metering_support import (  # noqa: F401
@@ -142,12 +142,6 @@ async def test_a_batch_of_any_size_is_written_row_for_row(usage_db, count):
 
 
 # ---------------------------------------------------------------- two gateway processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_config(path: Path, port: int, upstream_url: str, table: str) -> Path:
