@@ -89,7 +89,8 @@ def _unjoined_writes_on_uvloop(loop: asyncio.AbstractEventLoop) -> None:
     (3.12.0-3.12.8) ignored write flow control (CVE-2024-12254). uvloop's `writelines` queues each
     buffer as it is and sends them with one `writev`, under flow control, so on uvloop the join is
     a needless copy: 1.5 MB per large image answer, about a tenth of a large hit's CPU
-    (docs/benchmarks.md). On asyncio's loop aiohttp's own choice stands.
+    (docs/benchmarks.md). On asyncio's loop aiohttp's own choice stands. The setting is aiohttp's,
+    so process-wide: the last gateway started decides, for its loop (one loop per process here).
     """
     http_writer.SKIP_WRITELINES = False if _is_uvloop(loop) else _AIOHTTP_SKIP_WRITELINES
 
