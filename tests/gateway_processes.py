@@ -14,13 +14,34 @@ from pathlib import Path
 
 import aiohttp
 
-__all__ = ["GatewayProcess", "free_port"]
+from gatekeeper.testing.kit import UPSTREAM_KEY
+
+__all__ = ["GatewayProcess", "free_port", "serve_config"]
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def serve_config(upstream_url: str, port: int, *, server: str = "", sections: str = "") -> str:
+    """A config for `gatekeeper serve` on loopback `port` with JSON logs, forwarding to the test
+    upstream at `upstream_url` with no retries. `server` holds more [server] lines; `sections`
+    the test's own sections ([auth] and the rest)."""
+    return f'''
+[server]
+host = "127.0.0.1"
+port = {port}
+log_format = "json"
+{server}
+
+[upstream]
+base_url = "{upstream_url}"
+api_key = "{UPSTREAM_KEY}"
+max_retries = 0
+
+{sections}'''
 
 
 class GatewayProcess:

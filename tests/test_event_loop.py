@@ -12,30 +12,10 @@ import sys
 import openai
 import pytest
 
-from gateway_processes import GatewayProcess, free_port
+from gateway_processes import GatewayProcess, free_port, serve_config
 from gatekeeper.config import ConfigError, load_config
 from gatekeeper.server import event_loop_name
-from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
-
-
-def serve_config(upstream_url: str, port: int, uvloop_line: str) -> str:
-    return f'''
-[server]
-host = "127.0.0.1"
-port = {port}
-log_format = "json"
-{uvloop_line}
-
-[upstream]
-base_url = "{upstream_url}"
-api_key = "{UPSTREAM_KEY}"
-
-[auth]
-keys = [{{ id = "loop-app", key = "{CLIENT_KEY}", tenant = "loops" }}]
-
-[plugins]
-blocked = ["metering", "audit"]
-'''
+from gatekeeper.testing.kit import CLIENT_KEY
 
 
 def listening_line(log_text: str) -> dict:
@@ -50,7 +30,13 @@ def listening_line(log_text: str) -> dict:
 async def test_serve_runs_on_the_loop_the_setting_names_and_answers_an_sdk_client(fake_upstream, tmp_path, uvloop_line, loop):
     port = free_port()
     config = tmp_path / "config.toml"
-    config.write_text(serve_config(fake_upstream.base_url, port, uvloop_line))
+    config.write_text(serve_config(fake_upstream.base_url, port, server=uvloop_line, sections=f'''
+[auth]
+keys = [{{ id = "loop-app", key = "{CLIENT_KEY}", tenant = "loops" }}]
+
+[plugins]
+blocked = ["metering", "audit"]
+'''))
     process = GatewayProcess(config, port, tmp_path / "gatekeeper.log")
     await process.start()
     try:

@@ -12,23 +12,12 @@ import aiohttp
 import openai
 import pytest_asyncio
 
-from gateway_processes import GatewayProcess, free_port
-from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY
+from gateway_processes import GatewayProcess, free_port, serve_config
+from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY
 
 
-def serve_config(upstream_url: str, port: int, workdir, shutdown_timeout_s: float) -> str:
-    return f'''
-[server]
-host = "127.0.0.1"
-port = {port}
-log_format = "json"
-shutdown_timeout_s = {shutdown_timeout_s}
-
-[upstream]
-base_url = "{upstream_url}"
-api_key = "{UPSTREAM_KEY}"
-max_retries = 0
-
+def drain_config(upstream_url: str, port: int, workdir, shutdown_timeout_s: float) -> str:
+    return serve_config(upstream_url, port, server=f"shutdown_timeout_s = {shutdown_timeout_s}", sections=f'''
 [auth]
 admin_keys = ["{ADMIN_KEY}"]
 keys = [{{ id = "drain-app", key = "{CLIENT_KEY}", tenant = "drain" }}]
@@ -39,7 +28,7 @@ flush_interval_ms = 60000  # nothing is written on a timer during the test: only
 
 [audit]
 path = "{workdir / 'audit' / 'gatekeeper-audit.jsonl'}"
-'''
+''')
 
 
 class Served:
@@ -67,7 +56,7 @@ class Served:
 async def start_served(fake_upstream, tmp_path, shutdown_timeout_s: float) -> Served:
     port = free_port()
     config = tmp_path / "config.toml"
-    config.write_text(serve_config(fake_upstream.base_url, port, tmp_path, shutdown_timeout_s))
+    config.write_text(drain_config(fake_upstream.base_url, port, tmp_path, shutdown_timeout_s))
     process = GatewayProcess(config, port, tmp_path / "gatekeeper.log")
     await process.start()
     return Served(process, tmp_path)

@@ -15,8 +15,8 @@ import openai
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from gateway_processes import GatewayProcess, free_port
-from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY
+from gateway_processes import GatewayProcess, free_port, serve_config
+from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY
 
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -24,18 +24,7 @@ GENERATIONS = "/v1/images/generations"
 
 
 def replica_config(upstream_url: str, port: int, workdir: Path, table: str, cache_prefix: str) -> str:
-    return f'''
-[server]
-host = "127.0.0.1"
-port = {port}
-log_format = "json"
-shutdown_timeout_s = 10
-
-[upstream]
-base_url = "{upstream_url}"
-api_key = "{UPSTREAM_KEY}"
-max_retries = 0
-
+    return serve_config(upstream_url, port, server="shutdown_timeout_s = 10", sections=f'''
 [auth]
 admin_keys = ["{ADMIN_KEY}"]
 keys = [{{ id = "replica-app", key = "{CLIENT_KEY}", tenant = "replicas" }}]
@@ -52,7 +41,7 @@ flush_interval_ms = 50
 
 [audit]
 path = "{workdir / 'audit' / 'gatekeeper-audit.jsonl'}"
-'''
+''')
 
 
 class Replicas:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from gateway_processes import GatewayProcess, free_port
+from gateway_processes import GatewayProcess, free_port, serve_config
 
 from gatekeeper.cli import main
 from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY
@@ -85,21 +85,7 @@ def test_keys_hash_refuses_empty_input():
 
 
 def config_text(upstream_url: str, port: int, keys_toml: str) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-log_format = "json"
-
-[upstream]
-base_url = "{upstream_url}"
-api_key = "{UPSTREAM_KEY}"
-max_retries = 0
-
-[auth]
-admin_keys = ["{ADMIN_KEY}"]
-{keys_toml}
-"""
+    return serve_config(upstream_url, port, sections=f'[auth]\nadmin_keys = ["{ADMIN_KEY}"]\n{keys_toml}')
 
 
 CLIENT_ENTRY = f'[[auth.keys]]\nid = "test-1"\nkey = "{CLIENT_KEY}"\ntenant = "test"\n'
