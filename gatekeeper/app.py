@@ -315,7 +315,7 @@ class Gateway:
             flow.outcome = error.outcome
             await self._end_with_error(flow, error)
             return error
-        except Exception as error:
+        except Exception:
             log.exception("exchange_complete hook failed", request_id=flow.request_id)
             flow.scratch["_ended"] = True
             return None

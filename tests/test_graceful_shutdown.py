@@ -8,7 +8,6 @@ import json
 import sqlite3
 import time
 
-import aiohttp
 import openai
 import pytest_asyncio
 

@@ -6,7 +6,6 @@ Test plugins registered with `gateway_kit.start(plugins=[...])` are called befor
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys

@@ -24,7 +24,6 @@ import pytest
 from gateway_processes import free_port
 from gatekeeper.cli import main
 from gatekeeper.server import RunningGateway
-from gatekeeper.testing.fake_upstream import FakeUpstream
 from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
 from gatekeeper_plugins.audit_writer import BATCH_MAX_RECORDS, AuditLog
 
