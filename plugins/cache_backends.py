@@ -23,7 +23,8 @@ import msgspec
 from aiocache.backends.redis import RedisBackend, RedisCache
 from aiocache.base import BaseCache
 from aiocache.serializers import BaseSerializer, NullSerializer
-from redis.asyncio.connection import parse_url
+from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import UnixDomainSocketConnection, parse_url
 from redis.exceptions import RedisError, ResponseError
 
 from gatekeeper.logs import get_logger
@@ -480,9 +481,10 @@ class EntryReader:
     """
 
     def __init__(self, host: str, port: int, db: int, username: str | None, password: str | None,
-                 timeout_s: float) -> None:
+                 timeout_s: float, path: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.path = path  # a unix socket's, instead of host and port
         self.timeout_s = timeout_s
         hello = []
         if password:
@@ -496,16 +498,22 @@ class EntryReader:
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float) -> EntryReader | None:
-        """A reader for a redis:// URL; None for a rediss:// (TLS) one, whose entries redis-py reads."""
+        """A reader for a redis:// or unix:// URL; None for a rediss:// (TLS) one, whose entries
+        redis-py reads."""
         params = parse_url(url)
-        if "connection_class" in params:
+        unix = params.get("connection_class") is UnixDomainSocketConnection
+        if "connection_class" in params and not unix:
             return None
         return cls(params.get("host", "127.0.0.1"), int(params.get("port", 6379)), int(params.get("db", 0)),
-                   params.get("username"), params.get("password"), timeout_s)
+                   params.get("username"), params.get("password"), timeout_s, params["path"] if unix else None)
 
     async def _connect(self) -> _ReplyProtocol:
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.timeout_s):
-            _, protocol = await asyncio.get_running_loop().create_connection(_ReplyProtocol, self.host, self.port)
+            if self.path is not None:
+                _, protocol = await loop.create_unix_connection(_ReplyProtocol, self.path)
+            else:
+                _, protocol = await loop.create_connection(_ReplyProtocol, self.host, self.port)
         if not self._hello:
             return protocol
         try:
@@ -590,8 +598,19 @@ class EntrySerializer(BaseSerializer):
 _recent_heads: BoundedMemo[bytes, Entry] = BoundedMemo(256)
 
 
+class _ConnectionPool(ConnectionPool):
+    """redis-py's pool, for aiocache, which always passes a host and a port: a unix socket's
+    connections take neither (they would fail on every command)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("connection_class") is UnixDomainSocketConnection:
+            kwargs.pop("host", None)
+            kwargs.pop("port", None)
+        super().__init__(**kwargs)
+
+
 class RedisEntryCache(RedisCache):
-    """aiocache's RedisCache, configured from a redis:// URL, that keeps entries as hashes (see
+    """aiocache's RedisCache, configured from a redis://, rediss:// or unix:// URL, that keeps entries as hashes (see
     `EntrySerializer`) and purges with SCAN, not KEYS/FLUSHDB.
 
     aiocache 0.12's Redis backend works with redis-py 8; get, set, close and the whole-database
@@ -608,7 +627,8 @@ class RedisEntryCache(RedisCache):
         params["socket_timeout"] = timeout_s
         super().__init__(
             serializer=EntrySerializer(), timeout=None, endpoint=host, port=port, db=db, password=password,
-            create_connection_timeout=timeout_s, connection_pool_kwargs=params, **kwargs,
+            create_connection_timeout=timeout_s, connection_pool_class=_ConnectionPool, connection_pool_kwargs=params,
+            **kwargs,
         )
         self.reader = EntryReader.from_url(url, timeout_s)
 

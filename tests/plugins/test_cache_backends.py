@@ -6,7 +6,9 @@ import asyncio
 import base64
 import contextlib
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -348,6 +350,57 @@ def redis_server(*arguments: str) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         server.kill()
         server.wait()
+
+
+@contextlib.contextmanager
+def unix_socket_redis() -> Iterator[str]:
+    """A redis-server listening on a unix socket only (no TCP port); yields its unix:// URL."""
+    folder = tempfile.mkdtemp(prefix="gk-redis-")  # short: a socket's path may not pass 107 bytes
+    path = os.path.join(folder, "redis.sock")
+    try:
+        with redis_server("--port", "0", "--unixsocket", path, "--unixsocketperm", "700"):
+            for _ in range(100):
+                if os.path.exists(path):
+                    break
+                time.sleep(0.05)
+            yield f"unix://{path}?db=2"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_unix_socket_redis_url_keeps_reads_locks_and_purges_on_that_socket(redis_prefix):
+    body = os.urandom(1_500_000)
+    with unix_socket_redis() as url:
+        store = RedisStore(url, redis_prefix, 0.5, 1.0)
+        client = redis.from_url(url)
+        try:
+            assert store.cache.reader is not None and store.cache.reader.path == url[len("unix://"):-len("?db=2")]
+            assert await store.put("t:large", full_entry(body), 60)  # redis-py, on the socket
+            assert await store.put("t:small", full_entry(b"{}"), 60)
+            large, small = await store.get("t:large"), await store.get("t:small")  # the entry reader
+            assert await store.try_lock("t:large", "token", 5) is True
+            assert await store.peek("t:large", "t:large") == (True, True)
+            in_database_2 = await client.exists(redis_prefix + ":e:t:large")
+            purged = await store.purge("t:")
+        finally:
+            await store.close()
+            await client.aclose()
+    assert large is not None and bytes(large.body) == body and large == full_entry(body)
+    assert small == full_entry(b"{}")
+    assert in_database_2 == 1 and purged == 2
+    assert store.up is True and store.errors == 0
+
+
+async def test_a_gateway_caches_in_a_redis_reached_through_a_unix_socket(gateway_kit, fake_upstream):
+    prefix = unique_prefix()
+    with unix_socket_redis() as url:
+        gateway = await gateway_kit.start({"cache": {"backend": "redis", "redis_url": url, "key_prefix": prefix}})
+        miss = await post(gateway, GENERATIONS, json=BASE)
+        await asyncio.gather(*cache_plugin(gateway)._tasks)
+        hit = await post(gateway, GENERATIONS, json=BASE)
+    assert (miss.status, miss.cache, hit.status, hit.cache) == (200, "MISS", 200, "HIT")
+    assert hit.body == miss.body
+    assert fake_upstream.count(GENERATIONS) == 1
 
 
 @contextlib.contextmanager
