@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+from yarl import URL
 
 __all__ = [
     "Config",
@@ -91,6 +92,16 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_max_delay_s: NonNegativeFloat = 8.0  # cap on one wait, and on a retry-after the gateway honours
     breaker_failures: NonNegativeInt = 5  # consecutive failures that open the circuit (0: no breaker)
     breaker_cooldown_s: NonNegativeFloat = 30.0  # open this long, then one probe request (half-open)
+    # An egress proxy for this upstream, http://[user:password@]host:port. Unset: the standard
+    # HTTPS_PROXY / HTTP_PROXY / NO_PROXY variables decide, as they do for the OpenAI SDK.
+    proxy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.proxy is not None:
+            proxy = URL(self.proxy)
+            if proxy.scheme != "http" or not proxy.host:
+                raise ValueError("proxy must be an http://host:port URL (an https:// upstream goes through it "
+                                 "with CONNECT)")
 
 
 class PluginsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -119,8 +130,10 @@ class Config(msgspec.Struct, kw_only=True):
         return upstreams
 
     def secrets(self) -> list[str]:
-        """Every upstream key: values that must never appear in a response or a log line."""
-        return [u.api_key for u in self.all_upstreams().values() if u.api_key]
+        """Every upstream key and proxy password: values that must never appear in a response or a log line."""
+        upstreams = self.all_upstreams().values()
+        passwords = [URL(u.proxy).password for u in upstreams if u.proxy]
+        return [u.api_key for u in upstreams if u.api_key] + [p for p in passwords if p]
 
 
 class _CoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

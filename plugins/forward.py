@@ -85,7 +85,7 @@ class Failure:
     ``reply`` is set when it answered with a retryable status.
     """
 
-    kind: str  # "status", "connect_error", "timeout", "disconnect"
+    kind: str  # "status", "connect_error", "proxy_error", "timeout", "disconnect"
     sent: bool
     detail: str
     reply: ErrorReply | None = None
@@ -102,7 +102,8 @@ class Plugin:
         self.session: aiohttp.ClientSession | None = None
 
     def describe(self) -> str:
-        return "forwards to " + ", ".join(f"{u.name}={u.base_url}" for u in self.router.upstreams)
+        return "forwards to " + ", ".join(f"{u.name}={u.base_url}" + (f" via proxy {u.proxy}" if u.proxy else "")
+                                          for u in self.router.upstreams)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -150,6 +151,9 @@ class Plugin:
             headers["OpenAI-Project"] = config.project
         # Plain bytes from upstream, so usage can be read and cached bodies are what clients get.
         headers["Accept-Encoding"] = "identity"
+        if upstream.proxy_headers is not None and not upstream.tls:
+            # aiohttp sends proxy_headers only with a CONNECT, which a plain http:// upstream doesn't get.
+            headers.update(upstream.proxy_headers)
         return headers
 
     @hookimpl(trylast=True)
@@ -242,8 +246,16 @@ class Plugin:
         try:
             response = await self.session.request(
                 flow.method, url, data=flow.body or None, headers=self.upstream_headers(flow, upstream),
-                timeout=timeout, allow_redirects=False,
+                timeout=timeout, allow_redirects=False, proxy=upstream.proxy, proxy_headers=upstream.proxy_headers,
             )
+            if response.status == 407 and upstream.proxy is not None:
+                # The egress proxy's answer, not the upstream's (an http:// upstream gets no CONNECT
+                # that would fail): relayed, an app would take it for OpenAI's own.
+                response.close()
+                failure = Failure("proxy_error", False, "the proxy answered HTTP 407 Proxy Authentication Required")
+                upstream.results[failure.kind] += 1
+                upstream.breaker.failed(probe)
+                return failure
             if response.status in RETRYABLE_STATUSES:
                 failure = Failure("status", True, f"HTTP {response.status}", await _read_error_reply(response))
                 upstream.results[f"status_{response.status}"] += 1
@@ -337,6 +349,9 @@ class Plugin:
         if failure.kind == "connect_error":
             raise GatewayError(502, "The gateway could not reach the upstream.", code="upstream_unreachable",
                                outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
+        if failure.kind == "proxy_error":
+            raise GatewayError(502, "The gateway's egress proxy refused the connection to the upstream.",
+                               code="upstream_proxy_error", outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
         raise GatewayError(502, "The upstream connection broke before it sent a complete answer.",
                            code="upstream_disconnected", outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
 
@@ -348,6 +363,8 @@ def _transport_failure(error: BaseException) -> Failure | None:
         return Failure("timeout", False, detail)  # the connection never opened: nothing was sent
     if isinstance(error, aiohttp.ClientConnectorError):
         return Failure("connect_error", False, detail)
+    if isinstance(error, aiohttp.ClientHttpProxyError):  # the proxy refused the CONNECT: nothing was sent
+        return Failure("proxy_error", False, detail)
     if isinstance(error, asyncio.TimeoutError):  # sock_read, or the total deadline, after sending
         return Failure("timeout", True, detail)
     if isinstance(error, aiohttp.ClientError):

@@ -14,16 +14,21 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from fnmatch import fnmatchcase
+from urllib.request import getproxies, proxy_bypass
 
+from aiohttp import encode_basic_auth
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gatekeeper.config import UpstreamConfig
+from yarl import URL
+
+from gatekeeper.config import ConfigError, UpstreamConfig
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Outcome
+from gatekeeper.logs import register_secret
 from gatekeeper.memo import BoundedMemo
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Router", "Upstream", "UpstreamCollector"]
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "Router", "Upstream", "UpstreamCollector", "egress_proxy"]
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
 _STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
@@ -107,15 +112,45 @@ class Breaker:
         }
 
 
-class Upstream:
-    """One configured upstream, its breaker and how its attempts went."""
+def egress_proxy(config: UpstreamConfig) -> tuple[URL | None, dict[str, str] | None]:
+    """The proxy an upstream's requests go through (without its credentials), and the
+    ``Proxy-Authorization`` header that carries them; (None, None) to go direct.
 
-    __slots__ = ("name", "config", "base_url", "breaker", "results", "serves_any")
+    `config.proxy` when set, else the environment's ``HTTPS_PROXY`` / ``HTTP_PROXY`` (by the
+    upstream's scheme) unless ``NO_PROXY`` names its host, as the OpenAI SDK reads them. Read once
+    per upstream: aiohttp's own ``trust_env`` reads the environment again, in a worker thread, for
+    every request.
+    """
+    text = config.proxy
+    if text is None:
+        upstream = URL(config.base_url)
+        if upstream.host and proxy_bypass(upstream.host):
+            return None, None
+        text = getproxies().get(upstream.scheme)
+        if not text:
+            return None, None
+        if URL(text).scheme != "http":
+            raise ConfigError(f"the {upstream.scheme.upper()}_PROXY environment variable names {URL(text).with_user(None)}: "
+                              "only http:// proxies are supported (an https:// upstream goes through them with CONNECT)")
+    proxy = URL(text)
+    register_secret(proxy.password)  # from the environment too: never in a log line
+    headers = None
+    if proxy.user is not None:
+        headers = {"Proxy-Authorization": encode_basic_auth(proxy.user, proxy.password or "")}
+    return proxy.with_user(None), headers
+
+
+class Upstream:
+    """One configured upstream, its breaker, its egress proxy and how its attempts went."""
+
+    __slots__ = ("name", "config", "base_url", "tls", "proxy", "proxy_headers", "breaker", "results", "serves_any")
 
     def __init__(self, name: str, config: UpstreamConfig, breaker: Breaker | None = None) -> None:
         self.name = name
         self.config = config
         self.base_url = config.base_url.rstrip("/")
+        self.tls = self.base_url.startswith("https:")
+        self.proxy, self.proxy_headers = egress_proxy(config)
         self.breaker = breaker or Breaker(config.breaker_failures, config.breaker_cooldown_s)
         # attempts by result: ok, status_<code> (retryable statuses), connect_error, timeout, disconnect
         self.results: Counter[str] = Counter()
