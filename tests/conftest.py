@@ -9,11 +9,18 @@ stdout, stderr or log output contains the key.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import uvloop
 
 from gatekeeper.testing.kit import CANARY_SIGHTINGS, UPSTREAM_KEY
+
+# The gateway honours the proxy variables towards its upstream, as the OpenAI SDK does; the fake
+# upstreams are on loopback, where a proxy of the machine running the tests must not carry them.
+# (tests/plugins/test_forward_proxy.py sets its own.)
+for _variable in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+    os.environ.pop(_variable, None)
 
 
 @pytest.fixture(autouse=True)
