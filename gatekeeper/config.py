@@ -92,12 +92,12 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_max_delay_s: NonNegativeFloat = 8.0  # cap on one wait, and on a retry-after the gateway honours
     breaker_failures: NonNegativeInt = 5  # consecutive failures that open the circuit (0: no breaker)
     breaker_cooldown_s: NonNegativeFloat = 30.0  # open this long, then one probe request (half-open)
-    # An egress proxy for this upstream, http://[user:password@]host:port. Unset: the standard
-    # HTTPS_PROXY / HTTP_PROXY / NO_PROXY variables decide, as they do for the OpenAI SDK.
+    # An egress proxy for this upstream, http://[user:password@]host:port; "" goes direct. Unset:
+    # the standard HTTPS_PROXY / HTTP_PROXY / NO_PROXY variables decide, as for the OpenAI SDK.
     proxy: str | None = None
 
     def __post_init__(self) -> None:
-        if self.proxy is not None:
+        if self.proxy:
             proxy = URL(self.proxy)
             if proxy.scheme != "http" or not proxy.host:
                 raise ValueError("proxy must be an http://host:port URL (an https:// upstream goes through it "

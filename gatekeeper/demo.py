@@ -25,7 +25,8 @@ DEMO_ADMIN_KEY = "sk-gk-demo-admin"
 def demo_config(upstream_url: str, upstream_key: str, host: str, port: int, workdir: Path) -> dict[str, Any]:
     return {
         "server": {"host": host, "port": port},
-        "upstream": {"base_url": upstream_url, "api_key": upstream_key},
+        # On loopback: never through a proxy the machine's environment names for the internet.
+        "upstream": {"base_url": upstream_url, "api_key": upstream_key, "proxy": ""},
         "auth": {
             "admin_keys": [DEMO_ADMIN_KEY],
             "keys": [{"id": "demo-1", "key": DEMO_CLIENT_KEY, "tenant": "demo"}],

@@ -116,12 +116,14 @@ def egress_proxy(config: UpstreamConfig) -> tuple[URL | None, dict[str, str] | N
     """The proxy an upstream's requests go through (without its credentials), and the
     ``Proxy-Authorization`` header that carries them; (None, None) to go direct.
 
-    `config.proxy` when set, else the environment's ``HTTPS_PROXY`` / ``HTTP_PROXY`` (by the
-    upstream's scheme) unless ``NO_PROXY`` names its host, as the OpenAI SDK reads them. Read once
-    per upstream: aiohttp's own ``trust_env`` reads the environment again, in a worker thread, for
-    every request.
+    `config.proxy` when set ("" for none), else the environment's ``HTTPS_PROXY`` / ``HTTP_PROXY``
+    (by the upstream's scheme) unless ``NO_PROXY`` names its host, as the OpenAI SDK reads them.
+    Read once per upstream: aiohttp's own ``trust_env`` reads the environment again, in a worker
+    thread, for every request.
     """
     text = config.proxy
+    if text == "":
+        return None, None
     if text is None:
         upstream = URL(config.base_url)
         if upstream.host and proxy_bypass(upstream.host):

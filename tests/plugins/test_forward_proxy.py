@@ -16,6 +16,8 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from gatekeeper.config import ConfigError, UpstreamConfig, parse_config
+from gatekeeper.demo import DEMO_CLIENT_KEY, demo_config
+from gatekeeper.server import start_gateway
 from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
 from gatekeeper_plugins.forward_routing import egress_proxy
 
@@ -153,6 +155,30 @@ async def test_no_proxy_naming_the_upstreams_host_sends_it_direct(
     async with sdk(gateway) as client:
         await client.images.generate(model="gpt-image-1.5", prompt="a fox that goes direct")
     assert proxy.requests == [] and fake_upstream.count(GENERATIONS) == 1
+
+
+async def test_an_empty_proxy_goes_direct_whatever_the_environment_says(
+        gateway_kit, fake_upstream, forward_proxy, proxy_environment):
+    proxy, address = await forward_proxy()
+    proxy_environment.setenv("HTTP_PROXY", f"http://{address}")
+    gateway = await gateway_kit.start({"upstream": {"proxy": ""}})
+    async with sdk(gateway) as client:
+        await client.images.generate(model="gpt-image-1.5", prompt="a fox that ignores the environment")
+    assert proxy.requests == [] and fake_upstream.count(GENERATIONS) == 1
+
+
+async def test_the_demo_reaches_its_loopback_upstream_on_a_machine_with_a_proxy(fake_upstream, proxy_environment, tmp_path):
+    proxy_environment.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    config = parse_config(demo_config(fake_upstream.base_url, UPSTREAM_KEY, "127.0.0.1", free_port(), tmp_path))
+    gateway = await start_gateway(config)
+    try:
+        client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=DEMO_CLIENT_KEY, max_retries=0,
+                                    http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+        async with client:
+            result = await client.images.generate(model="gpt-image-1.5", prompt="a demo fox")
+    finally:
+        await gateway.stop()
+    assert result.data and fake_upstream.count(GENERATIONS) == 1
 
 
 async def test_a_configured_proxy_wins_over_no_proxy(gateway_kit, fake_upstream, forward_proxy, proxy_environment):
