@@ -19,7 +19,6 @@ from urllib.request import getproxies, proxy_bypass
 from aiohttp import encode_basic_auth
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
 from yarl import URL
 
 from gatekeeper.config import ConfigError, UpstreamConfig
@@ -132,8 +131,9 @@ def egress_proxy(config: UpstreamConfig) -> tuple[URL | None, dict[str, str] | N
         if not text:
             return None, None
         if URL(text).scheme != "http":
-            raise ConfigError(f"the {upstream.scheme.upper()}_PROXY environment variable names {URL(text).with_user(None)}: "
-                              "only http:// proxies are supported (an https:// upstream goes through them with CONNECT)")
+            raise ConfigError(f"the {upstream.scheme.upper()}_PROXY environment variable names "
+                              f"{URL(text).with_user(None)}: only http:// proxies are supported (an https:// "
+                              "upstream goes through them with CONNECT)")
     proxy = URL(text)
     register_secret(proxy.password)  # from the environment too: never in a log line
     headers = None
@@ -154,7 +154,7 @@ class Upstream:
         self.tls = self.base_url.startswith("https:")
         self.proxy, self.proxy_headers = egress_proxy(config)
         self.breaker = breaker or Breaker(config.breaker_failures, config.breaker_cooldown_s)
-        # attempts by result: ok, status_<code> (retryable statuses), connect_error, timeout, disconnect
+        # attempts by result: ok, status_<code> (retryable statuses), connect_error, proxy_error, timeout, disconnect
         self.results: Counter[str] = Counter()
         self.serves_any = "*" in config.models
 

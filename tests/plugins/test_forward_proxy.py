@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import ssl
 import subprocess
+import sys
 
 import openai
 import pytest
@@ -167,7 +169,8 @@ async def test_an_empty_proxy_goes_direct_whatever_the_environment_says(
     assert proxy.requests == [] and fake_upstream.count(GENERATIONS) == 1
 
 
-async def test_the_demo_reaches_its_loopback_upstream_on_a_machine_with_a_proxy(fake_upstream, proxy_environment, tmp_path):
+async def test_the_demo_reaches_its_loopback_upstream_on_a_machine_with_a_proxy(
+        fake_upstream, proxy_environment, tmp_path):
     proxy_environment.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
     config = parse_config(demo_config(fake_upstream.base_url, UPSTREAM_KEY, "127.0.0.1", free_port(), tmp_path))
     gateway = await start_gateway(config)
@@ -214,18 +217,25 @@ def test_a_proxy_that_is_not_an_http_url_is_a_config_error(proxy):
 def test_https_proxy_serves_https_upstreams_and_http_proxy_http_ones(proxy_environment):
     proxy_environment.setenv("HTTPS_PROXY", "http://egress:s3cret@proxy.corp.example:3128")
     proxy_environment.setenv("HTTP_PROXY", "http://plain.corp.example:8080")
+    credentials = "Basic " + base64.b64encode(b"egress:s3cret").decode()
     assert egress_proxy(UpstreamConfig(base_url="https://api.openai.com/v1")) == (
-        URL("http://proxy.corp.example:3128"), {"Proxy-Authorization": "Basic " + base64.b64encode(b"egress:s3cret").decode()})
-    assert egress_proxy(UpstreamConfig(base_url="http://relay.internal/v1")) == (URL("http://plain.corp.example:8080"), None)
+        URL("http://proxy.corp.example:3128"), {"Proxy-Authorization": credentials})
+    assert egress_proxy(UpstreamConfig(base_url="http://relay.internal/v1")) == (
+        URL("http://plain.corp.example:8080"), None)
     proxy_environment.setenv("NO_PROXY", ".internal")
     assert egress_proxy(UpstreamConfig(base_url="http://relay.internal/v1")) == (None, None)
 
 
-def test_an_https_proxy_in_the_environment_stops_the_gateway_from_starting_rather_than_being_bypassed(proxy_environment):
-    proxy_environment.setenv("HTTPS_PROXY", "https://egress:s3cret@proxy.corp.example:3128")
-    with pytest.raises(ConfigError, match="HTTPS_PROXY environment variable names https://proxy.corp.example:3128") as raised:
-        egress_proxy(UpstreamConfig(base_url="https://api.openai.com/v1"))
-    assert "s3cret" not in str(raised.value)
+def test_an_https_proxy_in_the_environment_is_a_config_error_at_start_up_not_bypassed(proxy_environment, tmp_path):
+    config = tmp_path / "gatekeeper.toml"
+    config.write_text(serve_config("https://api.openai.com/v1", free_port()))
+    checked = subprocess.run([sys.executable, "-m", "gatekeeper", "check-config", "--config", str(config)],
+                             capture_output=True, text=True,
+                             env={**os.environ, "HTTPS_PROXY": "https://egress:s3cret@proxy.corp.example:3128"})
+    assert checked.returncode == 2
+    assert ("config error: the HTTPS_PROXY environment variable names https://proxy.corp.example:3128: "
+            "only http:// proxies are supported") in checked.stderr
+    assert "s3cret" not in checked.stderr + checked.stdout
 
 
 async def test_an_https_upstream_is_reached_through_a_connect_tunnel_of_the_environments_proxy(
