@@ -610,8 +610,8 @@ class _ConnectionPool(ConnectionPool):
 
 
 class RedisEntryCache(RedisCache):
-    """aiocache's RedisCache, configured from a redis://, rediss:// or unix:// URL, that keeps entries as hashes (see
-    `EntrySerializer`) and purges with SCAN, not KEYS/FLUSHDB.
+    """aiocache's RedisCache, configured from a redis://, rediss:// or unix:// URL, that keeps
+    entries as hashes (see `EntrySerializer`) and purges with SCAN, not KEYS/FLUSHDB.
 
     aiocache 0.12's Redis backend works with redis-py 8; get, set, close and the whole-database
     clear are replaced. Its string commands (add, multi_get, multi_set, increment) are not for
