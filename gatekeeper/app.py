@@ -9,6 +9,7 @@ observers, metering and audit see hits and misses alike.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import posixpath
@@ -27,7 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gatekeeper.access_log import AccessLine, AccessLog
 from gatekeeper.config import Config
-from gatekeeper.errors import GatewayError
+from gatekeeper.errors import GatewayError, StartupError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
 from gatekeeper.logs import get_logger, register_secret
 from gatekeeper.memo import BoundedMemo
@@ -105,9 +106,33 @@ class Gateway:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, _app: web.Application | None = None) -> None:
-        await self.hooks.call_all("startup", gateway=self)
+        """Run every `startup` hook; the first that fails stops the start with a `StartupError`,
+        after the plugins it reached (itself included) have had their `shutdown` hook."""
+        reached: list[object] = []
+        for function, argnames in self.hooks.impls("startup"):
+            reached.append(_owner(function))
+            try:
+                result = function(*[{"gateway": self}[a] for a in argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as error:
+                await self._shut_down(reached)
+                raise StartupError(self.hooks.pm.get_name(reached[-1]) or function.__module__, error) from error
         self.started = True
         log.info("gateway started", plugins=[p.name for p in self.plugins.loaded])
+
+    async def _shut_down(self, plugins: list[object]) -> None:
+        """Best effort, after a failed start: close what the started plugins opened (sessions,
+        pools, files), so the process ends without leaks or warnings about them."""
+        for function, argnames in self.hooks.impls("shutdown"):
+            if _owner(function) not in plugins:
+                continue
+            try:
+                result = function(*[{"gateway": self}[a] for a in argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as error:  # it may never have finished starting
+                log.debug("shutdown after a failed start", error=repr(error))
 
     async def stop(self, _app: web.Application | None = None) -> None:
         self.started = False
@@ -434,6 +459,12 @@ class Gateway:
             outcome=flow.outcome,
             upstream_request_id=flow.upstream_request_id,
         ))
+
+
+def _owner(function: Callable[..., Any]) -> object:
+    """The plugin a hook implementation belongs to: its instance, or its module."""
+    owner = getattr(function, "__self__", None)
+    return owner if owner is not None else sys.modules.get(function.__module__)
 
 
 def _logged_model(flow: Flow) -> str | None:

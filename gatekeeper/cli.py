@@ -17,7 +17,8 @@ import pluggy
 from gatekeeper import __version__, hookspecs
 from gatekeeper.config import ConfigError, load_config
 from gatekeeper.dispatch import Hooks
-from gatekeeper.logs import configure_logging
+from gatekeeper.errors import StartupError
+from gatekeeper.logs import configure_logging, get_logger
 
 __all__ = ["main", "build_parser"]
 
@@ -145,5 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    except StartupError as error:  # through the log: its redaction keeps database passwords out
+        cause = f"{type(error.error).__name__}: {error.error}"
+        get_logger("gatekeeper").error("gateway could not start", plugin=error.plugin, error=cause)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["GatewayError", "error_body"]
+__all__ = ["GatewayError", "StartupError", "error_body"]
 
 _ENCODER = msgspec.json.Encoder()
 
@@ -74,3 +74,13 @@ class GatewayError(Exception):
 def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> bytes:
     """The JSON bytes of an OpenAI error object."""
     return _ENCODER.encode({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+class StartupError(Exception):
+    """A plugin's `startup` hook failed (a database that doesn't answer, a log it can't open): the
+    gateway can't serve. `gatekeeper serve` says so in one log line, naming the plugin, and exits 1."""
+
+    def __init__(self, plugin: str, error: BaseException) -> None:
+        super().__init__(f"the {plugin} plugin could not start: {type(error).__name__}: {error}")
+        self.plugin = plugin
+        self.error = error

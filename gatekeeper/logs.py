@@ -7,14 +7,17 @@ plugin puts in it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 from typing import Any
 
 import structlog
+from yarl import URL
 
-__all__ = ["configure_logging", "get_logger", "register_secret", "redact_text", "secrets_registered"]
+__all__ = ["configure_logging", "get_logger", "register_secret", "register_url_secrets", "redact_text",
+           "secrets_registered"]
 
 _secrets: set[str] = set()
 _TOKEN_PATTERN = re.compile(r"(?i)(bearer\s+)[^\s\"',]+|\bsk-[A-Za-z0-9_\-]{6,}")
@@ -24,6 +27,14 @@ def register_secret(value: str | None) -> None:
     """Never let `value` appear in a log line."""
     if value and len(value) >= 4:
         _secrets.add(value)
+
+
+def register_url_secrets(url: str | None) -> None:
+    """Never let the password inside a connection URL (a database's DSN) appear in a log line;
+    the rest of the URL (host, database, a SQLite file's path) stays readable."""
+    if url:
+        with contextlib.suppress(ValueError):
+            register_secret(URL(url).password)
 
 
 def secrets_registered() -> int:

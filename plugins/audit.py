@@ -29,7 +29,7 @@ from gatekeeper import hookimpl
 from gatekeeper.config import Config, ConfigError
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome
-from gatekeeper.logs import get_logger, register_secret
+from gatekeeper.logs import get_logger, register_secret, register_url_secrets
 from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body
 from gatekeeper_plugins.audit_pg import TABLE_NAME, PostgresCheckpoints
 from gatekeeper_plugins.audit_record import (
@@ -110,6 +110,7 @@ class Plugin:
         self.key = settings.hmac_key.encode() if settings.hmac_key else None
         register_secret(settings.hmac_key)
         register_secret(settings.checkpoint_dsn)
+        register_url_secrets(settings.checkpoint_dsn)
         self.log_prompts = settings.log_prompts
         self.required = settings.required
         self.wait_for_disk = settings.fsync == "always"

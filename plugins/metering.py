@@ -26,7 +26,7 @@ from gatekeeper import hookimpl
 from gatekeeper.config import Config, ConfigError, load_config
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome
-from gatekeeper.logs import get_logger
+from gatekeeper.logs import get_logger, register_url_secrets
 from gatekeeper.memo import BoundedMemo
 from gatekeeper_plugins.metering_budgets import BudgetLedger, OverBudget, Reservation, estimate_micros
 from gatekeeper_plugins.metering_config import MeteringConfig, load_settings, store_from_settings
@@ -114,6 +114,7 @@ class Plugin:
     def __init__(self, config: Config, settings: MeteringConfig | None) -> None:
         self.config = config
         self.settings = settings or MeteringConfig()
+        register_url_secrets(self.settings.database)
         self.store: UsageStore = store_from_settings(config, self.settings)
         self.writer: BatchWriter | None = None
         self.metrics: MeteringMetrics | None = None

@@ -6,6 +6,7 @@ Test plugins registered with `gateway_kit.start(plugins=[...])` are called befor
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from aiohttp import web
 from gateway_processes import free_port
 from gatekeeper import hookimpl
 from gatekeeper.app import PRINCIPAL
-from gatekeeper.errors import GatewayError
+from gatekeeper.errors import GatewayError, StartupError
 from gatekeeper.flow import GatewayResponse, Principal
 from gatekeeper.testing.kit import CLIENT_KEY
 
@@ -57,6 +58,82 @@ async def test_hook_startup_and_hook_shutdown_run_once_each(gateway_kit):
     await running.stop()
     gateway_kit.running.remove(running)
     assert plugin.calls == [("startup", False), ("shutdown", False)]
+
+
+async def test_a_failed_startup_names_its_plugin_and_shuts_down_the_plugins_it_reached(gateway_kit):
+    class Started(Recorder):
+        name = "started-first"
+
+        @hookimpl(tryfirst=True)
+        async def startup(self, gateway):
+            self.calls.append(("startup", None))
+
+        @hookimpl
+        async def shutdown(self, gateway):
+            self.calls.append(("shutdown", None))
+
+    class Failing(Recorder):
+        name = "flaky-db"
+
+        @hookimpl
+        async def startup(self, gateway):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        @hookimpl
+        def shutdown(self, gateway):
+            self.calls.append(("shutdown", None))
+
+    class NeverReached(Recorder):
+        name = "never-reached"
+
+        @hookimpl(trylast=True)
+        def startup(self, gateway):
+            self.calls.append(("startup", None))
+
+        @hookimpl
+        def shutdown(self, gateway):
+            self.calls.append(("shutdown", None))
+
+    first, failing, last = Started(), Failing(), NeverReached()
+    with pytest.raises(StartupError) as raised:
+        await gateway_kit.start(plugins=[first, failing, last])
+    assert raised.value.plugin == "flaky-db" and isinstance(raised.value.error, ConnectionRefusedError)
+    assert first.names() == ["startup", "shutdown"]
+    assert failing.names() == ["shutdown"]  # it may have opened something before it failed
+    assert last.names() == []
+
+
+def test_gatekeeper_serve_says_which_plugin_could_not_start_in_one_line_and_exits_1(tmp_path):
+    """The usage database is down at start-up: no traceback, and no password from its URL."""
+    config = tmp_path / "gatekeeper.toml"
+    config.write_text(textwrap.dedent(f'''
+        [server]
+        host = "127.0.0.1"
+        port = {free_port()}
+        log_format = "json"
+
+        [upstream]
+        base_url = "http://127.0.0.1:{free_port()}/v1"
+        api_key = "sk-upstream-not-used-here"
+
+        [auth]
+        keys = [{{ id = "app", key = "{CLIENT_KEY}", tenant = "t" }}]
+
+        [metering]
+        database = "postgresql://gk:pg-s3cret-pass@127.0.0.1:{free_port()}/usage"
+
+        [audit]
+        path = "{tmp_path}/audit/gatekeeper-audit.jsonl"
+        '''))
+    started = time.monotonic()
+    served = subprocess.run([sys.executable, "-m", "gatekeeper", "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    output = served.stdout + served.stderr
+    assert served.returncode == 1 and time.monotonic() - started < 30
+    assert "Traceback" not in output and "Unclosed" not in output and "pg-s3cret-pass" not in output
+    [line] = [json.loads(line) for line in output.splitlines() if "could not start" in line]
+    assert (line["event"], line["plugin"], line["level"]) == ("gateway could not start", "metering", "error")
+    assert line["error"].startswith(("ConnectionRefusedError: ", "OSError: "))
 
 
 class AdminByHeader:
