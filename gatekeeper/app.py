@@ -30,6 +30,7 @@ from gatekeeper.access_log import AccessLine, AccessLog
 from gatekeeper.config import Config
 from gatekeeper.errors import GatewayError, StartupError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
+from gatekeeper.forwarded import client_address, parse_networks
 from gatekeeper.logs import get_logger, register_secret
 from gatekeeper.memo import BoundedMemo
 from gatekeeper.plugins import PluginSet, build_hooks
@@ -100,6 +101,7 @@ class Gateway:
         server = config.server
         use_json = server.log_format == "json" or (server.log_format == "auto" and not sys.stderr.isatty())
         self.access_log = AccessLog(json_lines=use_json) if server.access_log else None
+        self._trusted_proxies = parse_networks(server.trusted_proxies)
         for secret in config.secrets():
             register_secret(secret)
 
@@ -149,6 +151,8 @@ class Gateway:
     # ------------------------------------------------------------ routing
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self._trusted_proxies:
+            request = self._as_from_client(request)
         path = self._paths.get(request.raw_path)
         if path is None:
             path = self._normalized_path(request.raw_path)
@@ -168,6 +172,12 @@ class Gateway:
         if handler is not None or path.startswith("/admin/") or path == "/admin":
             return await self.run_admin(request, path, handler)
         return self.error_response(GatewayError(404, f"Unknown route {request.method} {path}.", code="unknown_url"))
+
+    def _as_from_client(self, request: web.Request) -> web.Request:
+        """`request` with the client's address as `remote` when a trusted proxy relayed it, so the
+        flow, the audit record and every plugin see the client, not the load balancer."""
+        client = client_address(request.remote, request.headers.getall("X-Forwarded-For", ()), self._trusted_proxies)
+        return request if client == request.remote else request.clone(remote=client)
 
     def _normalized_path(self, raw_path: str) -> str:
         """`normalize_path`, or `_UNSAFE`; remembered for the few distinct paths clients send."""

@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from yarl import URL
 
+from gatekeeper.forwarded import parse_networks
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -72,6 +74,12 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     access_log: bool = True
     log_level: str = "info"
     log_format: str = "auto"  # "json", "console", or "auto" (console on a TTY)
+    # Load balancers whose X-Forwarded-For names the client (gatekeeper/forwarded.py); empty: the
+    # connection's peer is the client, whatever its headers say.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        parse_networks(self.trusted_proxies)
 
 
 class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
