@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gatekeeper.access_log import AccessLine, AccessLog
-from gatekeeper.config import Config
+from gatekeeper.config import Config, ConfigError
 from gatekeeper.errors import GatewayError, StartupError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
 from gatekeeper.forwarded import client_address, parse_networks
@@ -117,6 +117,9 @@ class Gateway:
                 result = function(*[{"gateway": self}[a] for a in argnames])
                 if inspect.isawaitable(result):
                     await result
+            except ConfigError:  # a setting only the plugin could judge: a config error like the others
+                await self._shut_down(reached)
+                raise
             except Exception as error:
                 await self._shut_down(reached)
                 raise StartupError(self.hooks.pm.get_name(reached[-1]) or function.__module__, error) from error

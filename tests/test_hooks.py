@@ -20,6 +20,7 @@ from aiohttp import web
 from gateway_processes import free_port
 from gatekeeper import hookimpl
 from gatekeeper.app import PRINCIPAL
+from gatekeeper.config import ConfigError
 from gatekeeper.errors import GatewayError, StartupError
 from gatekeeper.flow import GatewayResponse, Principal
 from gatekeeper.testing.kit import CLIENT_KEY
@@ -101,6 +102,18 @@ async def test_a_failed_startup_names_its_plugin_and_shuts_down_the_plugins_it_r
     assert first.names() == ["startup", "shutdown"]
     assert failing.names() == ["shutdown"]  # it may have opened something before it failed
     assert last.names() == []
+
+
+async def test_a_config_error_from_a_startup_hook_stays_a_config_error(gateway_kit):
+    class Picky:
+        name = "picky"
+
+        @hookimpl
+        def startup(self, gateway):
+            raise ConfigError("[picky] region must be one of eu, us")
+
+    with pytest.raises(ConfigError, match="region must be one of"):
+        await gateway_kit.start(plugins=[Picky()])
 
 
 def test_gatekeeper_serve_says_which_plugin_could_not_start_in_one_line_and_exits_1(tmp_path):
