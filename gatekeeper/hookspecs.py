@@ -61,7 +61,9 @@ def startup(gateway: Gateway) -> None:
     """Open what the plugin needs (connections, files, background tasks) before the first request.
 
     Called once when the server starts, in hook order. ``/ready`` answers 200 only after every
-    impl has returned.
+    impl has returned. Raising stops the start: `ConfigError` as a config error, anything else as
+    a `StartupError` naming the plugin, after the plugins started so far (this one included) have
+    had their `shutdown`.
     """
 
 
