@@ -16,7 +16,7 @@ import posixpath
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -114,9 +114,7 @@ class Gateway:
         for function, argnames in self.hooks.impls("startup"):
             reached.append(_owner(function))
             try:
-                result = function(*[{"gateway": self}[a] for a in argnames])
-                if inspect.isawaitable(result):
-                    await result
+                await _call_impl(function, argnames, {"gateway": self})
             except ConfigError:  # a setting only the plugin could judge: a config error like the others
                 await self._shut_down(reached)
                 raise
@@ -133,9 +131,7 @@ class Gateway:
             if _owner(function) not in plugins:
                 continue
             try:
-                result = function(*[{"gateway": self}[a] for a in argnames])
-                if inspect.isawaitable(result):
-                    await result
+                await _call_impl(function, argnames, {"gateway": self})
             except Exception as error:  # it may never have finished starting
                 log.debug("shutdown after a failed start", error=repr(error))
 
@@ -192,9 +188,7 @@ class Gateway:
     async def ready(self, _request: web.Request) -> web.Response:
         checks: dict[str, Any] = {}
         for impl in self.hooks.pm.hook.ready_check.get_hookimpls():
-            report = impl.function(*[{"gateway": self}[a] for a in impl.argnames])
-            if asyncio.iscoroutine(report):
-                report = await report
+            report = await _call_impl(impl.function, impl.argnames, {"gateway": self})
             if report is not None:
                 checks[impl.plugin_name] = report
         ready = self.started and not self.draining and all(c.get("ready", True) for c in checks.values())
@@ -335,9 +329,7 @@ class Gateway:
         flow.time_end = time.time()
         for function, argnames in self.hooks.impls("exchange_error"):
             try:
-                result = function(*[{"flow": flow, "error": error}[a] for a in argnames])
-                if asyncio.iscoroutine(result):
-                    await result
+                await _call_impl(function, argnames, {"flow": flow, "error": error})
             except Exception:
                 log.exception("exchange_error hook failed", request_id=flow.request_id)
 
@@ -472,6 +464,13 @@ class Gateway:
             outcome=flow.outcome,
             upstream_request_id=flow.upstream_request_id,
         ))
+
+
+async def _call_impl(function: Callable[..., Any], argnames: Sequence[str], arguments: dict[str, Any]) -> Any:
+    """One hook impl, given the arguments it names (pluggy lets it take fewer than the spec); its
+    result, awaited when it is awaitable."""
+    result = function(*[arguments[name] for name in argnames])
+    return await result if inspect.isawaitable(result) else result
 
 
 def _owner(function: Callable[..., Any]) -> object:
