@@ -5,6 +5,7 @@ Kubernetes exec probes (which cannot reach a unix socket with an httpGet probe).
     gatekeeper-healthcheck --path /ready        # readiness: 503 while starting or draining
     gatekeeper-healthcheck --socket /run/gatekeeper/gk.sock
     gatekeeper-healthcheck --port 9000
+    gatekeeper-healthcheck --tls                # HTTPS (the default when $GATEKEEPER_TLS_CERT_FILE is set)
 
 Standard library only, so a probe costs one short-lived interpreter and no imports of the gateway.
 """
@@ -15,6 +16,7 @@ import argparse
 import http.client
 import os
 import socket
+import ssl
 import sys
 
 
@@ -35,9 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", default=os.environ.get("GATEKEEPER_UNIX_SOCKET") or None)
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--tls", action="store_true", default=bool(os.environ.get("GATEKEEPER_TLS_CERT_FILE")),
+                        help="HTTPS; the certificate is not checked: this asks whether the gateway answers, not who it is")
     args = parser.parse_args(argv)
     if args.socket:
         connection: http.client.HTTPConnection = UnixHTTPConnection(args.socket, args.timeout)
+    elif args.tls:
+        unchecked = ssl.create_default_context()
+        unchecked.check_hostname = False
+        unchecked.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection("127.0.0.1", args.port, timeout=args.timeout, context=unchecked)
     else:
         connection = http.client.HTTPConnection("127.0.0.1", args.port, timeout=args.timeout)
     try:

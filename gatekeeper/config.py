@@ -77,9 +77,17 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Load balancers whose X-Forwarded-For names the client (gatekeeper/forwarded.py); empty: the
     # connection's peer is the client, whatever its headers say.
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # HTTPS: a PEM certificate chain and its key (relative paths: from the config file's folder).
+    # Both or neither; "" is unset. SIGHUP reloads them from disk (certificate rotation).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     def __post_init__(self) -> None:
         parse_networks(self.trusted_proxies)
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both for HTTPS, or neither")
+        if self.tls_cert_file and self.unix_socket:
+            raise ValueError("tls_cert_file is for TCP: a unix_socket is reached only from this host, in clear")
 
 
 class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -10,13 +10,15 @@ import asyncio
 import gc
 import os
 import signal
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import http_writer, web
 
 from gatekeeper.app import GATEWAY, Gateway, make_app
-from gatekeeper.config import Config, ConfigError, load_config
+from gatekeeper.config import Config, ConfigError, ServerConfig, load_config
 from gatekeeper.connection_guards import ConnectionGuards, GuardedAppRunner, GuardsCollector
 from gatekeeper.logs import get_logger
 
@@ -32,7 +34,8 @@ _AIOHTTP_SKIP_WRITELINES = http_writer.SKIP_WRITELINES  # aiohttp's own choice f
 class RunningGateway:
     runner: web.AppRunner
     gateway: Gateway
-    url: str  # "http://127.0.0.1:PORT" (or "unix:/path")
+    url: str  # "http://127.0.0.1:PORT", "https://..." with [server] tls_cert_file, or "unix:/path"
+    tls: ssl.SSLContext | None = None
 
     @property
     def base_url(self) -> str:
@@ -42,12 +45,34 @@ class RunningGateway:
         await self.runner.cleanup()
 
 
+def tls_context(server: ServerConfig, config_path: str) -> ssl.SSLContext | None:
+    """The server-side TLS context for ``[server] tls_cert_file`` / ``tls_key_file``, or None."""
+    if not server.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    load_certificate(context, server, config_path)
+    return context
+
+
+def load_certificate(context: ssl.SSLContext, server: ServerConfig, config_path: str) -> None:
+    """(Re)load the certificate chain and key into `context`: connections made from now on get
+    them. A `ConfigError` names the file that would not load."""
+    base = Path(config_path).resolve().parent if not config_path.startswith("<") else Path.cwd()
+    certificate, key = (base / Path(name).expanduser() for name in (server.tls_cert_file, server.tls_key_file))
+    try:
+        context.load_cert_chain(certificate, key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"[server] tls_cert_file / tls_key_file: cannot load {certificate} with {key}: "
+                          f"{error.strerror or error}") from None
+
+
 async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = None,
                         host: str | None = None, port: int | None = None) -> RunningGateway:
     """Build the app and listen on the configured TCP address or unix socket."""
     _unjoined_writes_on_uvloop(asyncio.get_running_loop())
-    app = make_app(config, extra_plugins)
     server = config.server
+    tls = tls_context(server, config.path)  # a certificate that won't load stops the start before anything runs
+    app = make_app(config, extra_plugins)
     guards = ConnectionGuards(server.header_timeout_s, server.send_timeout_s, server.write_buffer_bytes)
     runner = GuardedAppRunner(
         app,
@@ -69,12 +94,12 @@ async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = Non
         url = f"unix:{server.unix_socket}"
     else:
         site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
-                           backlog=4096)
+                           backlog=4096, ssl_context=tls)
         await site.start()
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         bound = sockets[0].getsockname()[1] if sockets else port
-        url = f"http://{host or server.host}:{bound}"
-    return RunningGateway(runner, app[GATEWAY], url)
+        url = f"{'https' if tls else 'http'}://{host or server.host}:{bound}"
+    return RunningGateway(runner, app[GATEWAY], url, tls)
 
 
 def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -115,9 +140,17 @@ async def _serve(config: Config, ready_message: str | None = None) -> None:
             from gatekeeper.plugins import build_hooks  # validate plugin sections too
 
             build_hooks(fresh)
+            if running.tls is not None and fresh.server.tls_cert_file:
+                # Certificate rotation: the files are read into a scratch context first, so a bad
+                # pair never half-replaces the one being served.
+                tls_context(fresh.server, config.path)
+                load_certificate(running.tls, fresh.server, config.path)
+                log.info("TLS certificate reloaded", certificate=fresh.server.tls_cert_file)
         except ConfigError as error:
             log.error("reload refused: config is invalid", error=str(error))
             return
+        if (running.tls is not None) != bool(fresh.server.tls_cert_file):
+            log.warning("turning HTTPS on or off ([server] tls_cert_file) takes effect on restart")
         asyncio.ensure_future(gateway.hooks.call_all("reload_config", gateway=gateway, config=fresh))
         log.info("config reloaded", path=config.path)
 
