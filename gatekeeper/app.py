@@ -28,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gatekeeper.access_log import AccessLine, AccessLog
 from gatekeeper.config import Config, ConfigError
+from gatekeeper.cors import Cors
 from gatekeeper.errors import GatewayError, StartupError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
 from gatekeeper.forwarded import client_address, parse_networks
@@ -102,6 +103,7 @@ class Gateway:
         use_json = server.log_format == "json" or (server.log_format == "auto" and not sys.stderr.isatty())
         self.access_log = AccessLog(json_lines=use_json) if server.access_log else None
         self._trusted_proxies = parse_networks(server.trusted_proxies)
+        self.cors = Cors(server.cors_allow_origins) if server.cors_allow_origins else None
         for secret in config.secrets():
             register_secret(secret)
 
@@ -160,6 +162,8 @@ class Gateway:
             # decoded again and could leave /v1. Nothing legitimate needs that.
             return self.error_response(GatewayError(400, "Invalid characters in the request path.", code="invalid_path"))
         if path.startswith("/v1/") or path == "/v1":
+            if self.cors is not None and self.cors.is_preflight(request):
+                return self.cors.preflight(request)
             return await self.run_pipeline(request, path)
         if path == "/health":
             return web.json_response({"status": "ok"})
@@ -516,4 +520,6 @@ def make_app(config: Config, extra_plugins: list[Any] | None = None) -> web.Appl
     app.router.add_route("*", "/{tail:.*}", gateway.handle)
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.stop)
+    if gateway.cors is not None:  # a signal per response: only when asked for
+        app.on_response_prepare.append(gateway.cors.on_response_prepare)
     return app

@@ -77,6 +77,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Load balancers whose X-Forwarded-For names the client (gatekeeper/forwarded.py); empty: the
     # connection's peer is the client, whatever its headers say.
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # Browser apps on /v1 (gatekeeper/cors.py): ["*"] as api.openai.com, or exact origins
+    # ("https://app.example.com"); empty: no CORS headers at all.
+    cors_allow_origins: list[str] = msgspec.field(default_factory=list)
     # HTTPS: a PEM certificate chain and its key (relative paths: from the config file's folder).
     # Both or neither; "" is unset. SIGHUP reloads them from disk (certificate rotation).
     tls_cert_file: str = ""

@@ -44,7 +44,11 @@ DROP_REQUEST = HOP_BY_HOP | {
     "host", "content-length", "authorization", "openai-organization", "openai-project", "accept-encoding",
     "cookie", "x-gatekeeper-cache-ttl",
 }
-DROP_RESPONSE = HOP_BY_HOP | {"date", "server", "set-cookie"}
+# The gateway answers browsers itself ([server] cors_allow_origins): the upstream's CORS headers
+# would otherwise reach them, through misses and cached entries, whatever that setting says.
+DROP_RESPONSE = HOP_BY_HOP | {"date", "server", "set-cookie", "access-control-allow-origin",
+                              "access-control-allow-credentials", "access-control-expose-headers",
+                              "access-control-allow-methods", "access-control-allow-headers", "access-control-max-age"}
 SMALL_BODY_BYTES = 256 * 1024  # other (non-JSON, non-SSE) answers up to this size are sent in one write
 ERROR_BODY_BYTES = 64 * 1024  # a retryable error body longer than this is not kept for relaying
 # How much of an answer may wait unread before the upstream socket is paused (aiohttp's default is
