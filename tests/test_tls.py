@@ -14,21 +14,13 @@ from pathlib import Path
 import openai
 import pytest
 
+from certificates import self_signed
 from gateway_processes import free_port, serve_config
 from gatekeeper.config import ConfigError, parse_config
 from gatekeeper.server import start_gateway
 from gatekeeper.testing.kit import CLIENT_KEY
 
 HEALTHCHECK = Path(__file__).resolve().parents[1] / "deploy" / "healthcheck.py"
-
-
-def certificate(folder: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key."""
-    cert, key = folder / f"{name}.pem", folder / f"{name}-key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 def served_certificate(port: int) -> bytes:
@@ -44,7 +36,7 @@ def der(pem: Path) -> bytes:
 
 
 async def test_the_sdk_talks_to_the_gateway_over_https_with_only_base_url_changed(gateway_kit, tmp_path):
-    cert, key = certificate(tmp_path, "gatekeeper")
+    cert, key = self_signed(tmp_path, "gatekeeper")
     gateway = await gateway_kit.start({"server": {"tls_cert_file": str(cert), "tls_key_file": str(key)}})
     assert gateway.url.startswith("https://127.0.0.1:")
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0,
@@ -55,7 +47,7 @@ async def test_the_sdk_talks_to_the_gateway_over_https_with_only_base_url_change
 
 
 async def test_plain_http_to_the_https_port_gets_no_answer(gateway_kit, tmp_path):
-    cert, key = certificate(tmp_path, "gatekeeper")
+    cert, key = self_signed(tmp_path, "gatekeeper")
     gateway = await gateway_kit.start({"server": {"tls_cert_file": str(cert), "tls_key_file": str(key)}})
     plain = gateway.base_url.replace("https://", "http://")
     async with openai.AsyncOpenAI(base_url=plain, api_key=CLIENT_KEY, max_retries=0) as client:
@@ -73,16 +65,16 @@ def test_half_a_tls_setting_is_a_config_error(server, message):
 
 
 async def test_a_certificate_that_will_not_load_stops_the_start_naming_the_file(tmp_path):
-    cert, _ = certificate(tmp_path, "one")
-    _, other_key = certificate(tmp_path, "two")
+    cert, _ = self_signed(tmp_path, "one")
+    _, other_key = self_signed(tmp_path, "two")
     config = parse_config({"server": {"port": 0, "tls_cert_file": str(cert), "tls_key_file": str(other_key)}})
     with pytest.raises(ConfigError, match=f"cannot load {cert}"):
         await start_gateway(config)
 
 
 async def test_sighup_serves_a_rotated_certificate_to_new_connections_and_the_healthcheck_speaks_https(tmp_path):
-    first, first_key = certificate(tmp_path, "first")
-    second, second_key = certificate(tmp_path, "second")
+    first, first_key = self_signed(tmp_path, "first")
+    second, second_key = self_signed(tmp_path, "second")
     live, live_key = tmp_path / "live.pem", tmp_path / "live-key.pem"
     live.write_bytes(first.read_bytes())
     live_key.write_bytes(first_key.read_bytes())

@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as redis
 from aiohttp import web
 from cache_support import GENERATIONS, REDIS_URL, RedisServer, delete_prefix, free_port, own_redis, post, unique_prefix  # noqa: F401
+from certificates import self_signed
 from structlog.testing import capture_logs
 
 from gatekeeper_plugins.cache_backends import Entry, LRUMemoryCache, RedisStore, entry_size
@@ -325,9 +326,7 @@ async def test_a_wrong_redis_password_is_a_miss_and_a_warning(redis_prefix):
 
 
 async def test_a_tls_redis_url_reads_entries_through_redis_py(redis_prefix, tmp_path):
-    key, certificate = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-keyout", str(key), "-out", str(certificate)], check=True, capture_output=True)
+    certificate, key = self_signed(tmp_path, "redis")
     port = free_port()
     with redis_server("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certificate),
                       "--tls-key-file", str(key), "--tls-ca-cert-file", str(certificate), "--tls-auth-clients", "no"):

@@ -13,6 +13,7 @@ import sys
 import openai
 import pytest
 from aiohttp import web
+from certificates import self_signed
 from gateway_processes import GatewayProcess, free_port, serve_config
 from structlog.testing import capture_logs
 from yarl import URL
@@ -241,10 +242,7 @@ def test_an_https_proxy_in_the_environment_is_a_config_error_at_start_up_not_byp
 async def test_an_https_upstream_is_reached_through_a_connect_tunnel_of_the_environments_proxy(
         forward_proxy, proxy_environment, tmp_path):
     """The deployment this is for: `gatekeeper serve` with HTTPS_PROXY set, and OpenAI behind TLS."""
-    key, certificate = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(certificate)],
-                   check=True, capture_output=True)
+    certificate, key = self_signed(tmp_path, "upstream")
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(certificate, key)
     answer = {"created": 1, "data": [{"b64_json": base64.b64encode(b"an image").decode()}],
