@@ -101,7 +101,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     plugin_set = build_hooks(config)
     print(f"{config.path}: OK")
     server = config.server
-    where = f"unix:{server.unix_socket}" if server.unix_socket else f"http://{server.host}:{server.port}"
+    scheme = "https" if server.tls_cert_file else "http"
+    where = f"unix:{server.unix_socket}" if server.unix_socket else f"{scheme}://{server.host}:{server.port}"
     print(f"server       listens on {where}, max body {server.max_body_bytes} bytes, max concurrency {server.max_concurrency}")
     for name, upstream in config.all_upstreams().items():
         key = "key set" if upstream.api_key else "NO KEY"

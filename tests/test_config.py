@@ -80,6 +80,13 @@ def test_check_config_prints_what_each_plugin_will_do(tmp_path, capsys):
     assert "sk-x" not in out
 
 
+def test_check_config_says_https_when_the_gateway_serves_it(tmp_path, capsys):
+    path = write(tmp_path, '[server]\nport = 8443\ntls_cert_file = "tls.crt"\ntls_key_file = "tls.key"\n'
+                           '[upstream]\napi_key = "sk-x"\n')
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert "listens on https://127.0.0.1:8443" in capsys.readouterr().out
+
+
 def test_check_config_fails_with_exit_2_on_a_bad_file(tmp_path, capsys):
     path = write(tmp_path, "[server]\nport = [1]\n")
     assert main(["check-config", "--config", str(path)]) == 2
