@@ -101,6 +101,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     plugin_set = build_hooks(config)
     print(f"{config.path}: OK")
     server = config.server
+    if server.tls_cert_file:
+        from gatekeeper.server import tls_context
+
+        tls_context(server, config.path)  # the pair loads, or a ConfigError names it
     scheme = "https" if server.tls_cert_file else "http"
     where = f"unix:{server.unix_socket}" if server.unix_socket else f"{scheme}://{server.host}:{server.port}"
     print(f"server       listens on {where}, max body {server.max_body_bytes} bytes, max concurrency {server.max_concurrency}")

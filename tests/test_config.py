@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from certificates import self_signed
 from gatekeeper.cli import main
 from gatekeeper.config import ConfigError, load_config, parse_config, resolve_config_path
 
@@ -80,11 +81,15 @@ def test_check_config_prints_what_each_plugin_will_do(tmp_path, capsys):
     assert "sk-x" not in out
 
 
-def test_check_config_says_https_when_the_gateway_serves_it(tmp_path, capsys):
-    path = write(tmp_path, '[server]\nport = 8443\ntls_cert_file = "tls.crt"\ntls_key_file = "tls.key"\n'
+def test_check_config_loads_the_tls_pair_and_says_https(tmp_path, capsys):
+    self_signed(tmp_path, "tls")
+    path = write(tmp_path, '[server]\nport = 8443\ntls_cert_file = "tls.pem"\ntls_key_file = "tls-key.pem"\n'
                            '[upstream]\napi_key = "sk-x"\n')
     assert main(["check-config", "--config", str(path)]) == 0
     assert "listens on https://127.0.0.1:8443" in capsys.readouterr().out
+    (tmp_path / "tls-key.pem").unlink()
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "cannot load" in capsys.readouterr().err
 
 
 def test_check_config_fails_with_exit_2_on_a_bad_file(tmp_path, capsys):
