@@ -37,7 +37,7 @@ from gatekeeper import hookimpl
 from gatekeeper.config import Config, ConfigError, decode_section
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome, Principal
-from gatekeeper.logs import get_logger, register_secret
+from gatekeeper.logs import get_logger, register_secret, register_url_secrets
 
 __all__ = ["Plugin", "AuthConfig", "KeyConfig", "KeyTable", "hash_key", "new_key", "register_commands"]
 
@@ -285,6 +285,7 @@ class Plugin:
 
     def __init__(self, config: Config, settings: AuthConfig | None) -> None:
         settings = settings or AuthConfig()
+        register_url_secrets(settings.redis_url)
         self.table = KeyTable.build(settings, config.secrets(), config.path)
         # Only what the limiter needs is kept: `settings` itself holds raw keys.
         self.backend = (settings.rate_limit_backend, settings.redis_url, settings.redis_prefix)

@@ -34,7 +34,7 @@ from gatekeeper import hookimpl
 from gatekeeper.config import Config
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, GatewayResponse, Outcome
-from gatekeeper.logs import get_logger
+from gatekeeper.logs import get_logger, register_url_secrets
 from gatekeeper.memo import BoundedMemo
 from gatekeeper_plugins.cache_backends import Entry, MemoryStore, RedisStore, tenant_tag
 from gatekeeper_plugins.cache_flight import FAILED, PASS, Flight, FlightBoard, UpstreamPump
@@ -132,6 +132,7 @@ class Plugin:
 
     def __init__(self, config: Config, settings: CacheConfig) -> None:
         self.settings = settings
+        register_url_secrets(settings.redis_url)
         self.routes = frozenset(settings.endpoints)
         self.stats = Stats()
         self.board = FlightBoard()

@@ -7,6 +7,8 @@ import pytest
 from certificates import self_signed
 from gatekeeper.cli import main
 from gatekeeper.config import ConfigError, load_config, parse_config, resolve_config_path
+from gatekeeper.logs import redact_text
+from gatekeeper.plugins import build_hooks
 
 
 def write(tmp_path, text: str):
@@ -90,6 +92,17 @@ def test_check_config_loads_the_tls_pair_and_says_https(tmp_path, capsys):
     (tmp_path / "tls-key.pem").unlink()
     assert main(["check-config", "--config", str(path)]) == 2
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_passwords_in_connection_urls_never_appear_in_a_log_line_but_where_they_point_does(tmp_path):
+    path = write(tmp_path, '[upstream]\napi_key = "sk-x"\n'
+                           '[metering]\ndatabase = "postgresql://gk:usage-pw-4417@db.internal:5432/usage"\n'
+                           '[cache]\nredis_url = "redis://:cache-pw-5521@redis.internal:6379/0"\n'
+                           '[auth]\nredis_url = "redis://limits:limits-pw-6630@redis.internal:6379/1"\n')
+    build_hooks(load_config(path))
+    line = "postgresql://gk:usage-pw-4417@db.internal:5432/usage, cache-pw-5521, limits-pw-6630"
+    assert redact_text(line) == "postgresql://gk:[redacted]@db.internal:5432/usage, [redacted], [redacted]"
+    assert redact_text(f"usage rows go to sqlite:///{tmp_path}/usage.db") == f"usage rows go to sqlite:///{tmp_path}/usage.db"
 
 
 def test_check_config_fails_with_exit_2_on_a_bad_file(tmp_path, capsys):
