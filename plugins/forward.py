@@ -256,24 +256,18 @@ class Plugin:
                 # The egress proxy's answer, not the upstream's (an http:// upstream gets no CONNECT
                 # that would fail): relayed, an app would take it for OpenAI's own.
                 response.close()
-                failure = Failure("proxy_error", False, "the proxy answered HTTP 407 Proxy Authentication Required")
-                upstream.results[failure.kind] += 1
-                upstream.breaker.failed(probe)
-                return failure
+                return _failed(upstream, probe,
+                               Failure("proxy_error", False, "the proxy answered HTTP 407 Proxy Authentication Required"))
             if response.status in RETRYABLE_STATUSES:
                 failure = Failure("status", True, f"HTTP {response.status}", await _read_error_reply(response))
-                upstream.results[f"status_{response.status}"] += 1
-                upstream.breaker.failed(probe)
-                return failure
+                return _failed(upstream, probe, failure, f"status_{response.status}")
             flow.upstream_latency_s = time.perf_counter() - started
             result = await self.to_gateway_response(flow, response, upstream)
         except Exception as error:  # noqa: BLE001 - every transport failure becomes a Failure
             failure = _transport_failure(error)
             if failure is None:
                 raise
-            upstream.results[failure.kind] += 1
-            upstream.breaker.failed(probe)
-            return failure
+            return _failed(upstream, probe, failure)
         upstream.results["ok"] += 1
         upstream.breaker.succeeded(probe)
         return result
@@ -358,6 +352,13 @@ class Plugin:
                                code="upstream_proxy_error", outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
         raise GatewayError(502, "The upstream connection broke before it sent a complete answer.",
                            code="upstream_disconnected", outcome=Outcome.UPSTREAM_ERROR, headers=should_retry)
+
+
+def _failed(upstream: Upstream, probe: bool, failure: Failure, result: str | None = None) -> Failure:
+    """Count a failed attempt (under `result`, else its kind) and give the breaker its verdict."""
+    upstream.results[result or failure.kind] += 1
+    upstream.breaker.failed(probe)
+    return failure
 
 
 def _transport_failure(error: BaseException) -> Failure | None:
