@@ -96,16 +96,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gatekeeper.plugins import build_hooks
+    from gatekeeper.server import tls_context
 
     config = load_config(args.config)
     plugin_set = build_hooks(config)
     print(f"{config.path}: OK")
     server = config.server
-    if server.tls_cert_file:
-        from gatekeeper.server import tls_context
-
-        tls_context(server, config.path)  # the pair loads, or a ConfigError names it
-    scheme = "https" if server.tls_cert_file else "http"
+    tls = tls_context(server, config.path)  # the pair loads, or a ConfigError names it
+    scheme = "https" if tls else "http"
     where = f"unix:{server.unix_socket}" if server.unix_socket else f"{scheme}://{server.host}:{server.port}"
     print(f"server       listens on {where}, max body {server.max_body_bytes} bytes, max concurrency {server.max_concurrency}")
     for name, upstream in config.all_upstreams().items():

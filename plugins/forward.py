@@ -256,8 +256,8 @@ class Plugin:
                 # The egress proxy's answer, not the upstream's (an http:// upstream gets no CONNECT
                 # that would fail): relayed, an app would take it for OpenAI's own.
                 response.close()
-                return _failed(upstream, probe,
-                               Failure("proxy_error", False, "the proxy answered HTTP 407 Proxy Authentication Required"))
+                refused = Failure("proxy_error", False, "the proxy answered HTTP 407 Proxy Authentication Required")
+                return _failed(upstream, probe, refused)
             if response.status in RETRYABLE_STATUSES:
                 failure = Failure("status", True, f"HTTP {response.status}", await _read_error_reply(response))
                 return _failed(upstream, probe, failure, f"status_{response.status}")

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway_processes import free_port
+from gateway_processes import free_port, serve_config
 from gatekeeper import hookimpl
 from gatekeeper.app import PRINCIPAL
 from gatekeeper.config import ConfigError
@@ -119,25 +119,16 @@ async def test_a_config_error_from_a_startup_hook_stays_a_config_error(gateway_k
 def test_gatekeeper_serve_says_which_plugin_could_not_start_in_one_line_and_exits_1(tmp_path):
     """The usage database is down at start-up: no traceback, and no password from its URL."""
     config = tmp_path / "gatekeeper.toml"
-    config.write_text(textwrap.dedent(f'''
-        [server]
-        host = "127.0.0.1"
-        port = {free_port()}
-        log_format = "json"
+    config.write_text(serve_config(f"http://127.0.0.1:{free_port()}/v1", free_port(), sections=f'''
+[auth]
+keys = [{{ id = "app", key = "{CLIENT_KEY}", tenant = "t" }}]
 
-        [upstream]
-        base_url = "http://127.0.0.1:{free_port()}/v1"
-        api_key = "sk-upstream-not-used-here"
+[metering]
+database = "postgresql://gk:pg-s3cret-pass@127.0.0.1:{free_port()}/usage"
 
-        [auth]
-        keys = [{{ id = "app", key = "{CLIENT_KEY}", tenant = "t" }}]
-
-        [metering]
-        database = "postgresql://gk:pg-s3cret-pass@127.0.0.1:{free_port()}/usage"
-
-        [audit]
-        path = "{tmp_path}/audit/gatekeeper-audit.jsonl"
-        '''))
+[audit]
+path = "{tmp_path}/audit/gatekeeper-audit.jsonl"
+'''))
     started = time.monotonic()
     served = subprocess.run([sys.executable, "-m", "gatekeeper", "serve", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)
