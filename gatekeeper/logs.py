@@ -66,17 +66,20 @@ def _redact_processor(_logger: Any, _method: str, event_dict: dict[str, Any]) ->
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Set up structlog (and route stdlib logging through the same redaction)."""
+    """Set up structlog, and render the stdlib's records (aiohttp's, asyncio's, a library's
+    warnings) through the same processors: one format and one redaction for every line, so a
+    JSON log stays one JSON object per line whoever logged it."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer(colors=False) if use_console else structlog.processors.JSONRenderer()
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             _redact_processor,
             renderer,
@@ -86,15 +89,19 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_RedactingFormatter("%(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.add_log_level, timestamper],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            renderer,
+        ],
+    ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
-
-
-class _RedactingFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return redact_text(super().format(record))
+    logging.captureWarnings(True)  # a library's warnings.warn() becomes a record of "py.warnings"
 
 
 def get_logger(name: str = "gatekeeper") -> Any:
