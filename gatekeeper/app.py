@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
-import os
 import posixpath
 import re
 import sys
@@ -21,7 +19,8 @@ from typing import Any
 from urllib.parse import unquote
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -30,7 +29,7 @@ from gatekeeper.access_log import AccessLine, AccessLog
 from gatekeeper.config import Config, ConfigError
 from gatekeeper.cors import Cors
 from gatekeeper.errors import GatewayError, StartupError
-from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal
+from gatekeeper.flow import Flow, GatewayResponse, Outcome, Principal, new_request_id
 from gatekeeper.forwarded import client_address, parse_networks
 from gatekeeper.logs import get_logger, register_secret
 from gatekeeper.memo import BoundedMemo
@@ -64,16 +63,6 @@ def normalize_path(raw_path: str) -> str:
 
 # The admin principal on requests to plugin routes under /admin/.
 PRINCIPAL = web.RequestKey("principal", Principal)
-
-
-# Request ids: a random per-process prefix and a counter. Unique across replicas and restarts
-# without a syscall per request.
-_REQUEST_ID_PREFIX = "req_gk_" + os.urandom(6).hex()
-_request_counter = itertools.count(1)
-
-
-def _new_request_id() -> str:
-    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
 
 
 _WRAP_ARGS = ("flow", "chunks")
@@ -176,6 +165,20 @@ class Gateway:
             return await self.run_admin(request, path, handler)
         return self.error_response(GatewayError(404, f"Unknown route {request.method} {path}.", code="unknown_url"))
 
+    async def expect_continue(self, request: web.Request) -> None:
+        """``Expect: 100-continue`` as nginx answers it, but no ``100 Continue`` for a body the
+        pipeline will refuse unread (over `max_body_bytes`, or at the concurrency limit): the
+        client gets the refusal without sending the body. Other expectations are ignored, as
+        nginx ignores them, rather than answered with aiohttp's plain-text 417."""
+        if request.version != HttpVersion11 or request.headers.get("Expect", "").lower() != "100-continue":
+            return
+        if request.content_length is not None and request.content_length > self._max_body:
+            return
+        if self._max_concurrency and self.in_flight >= self._max_concurrency:
+            return
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the answer proper has not begun
+
     def _as_from_client(self, request: web.Request) -> web.Request:
         """`request` with the client's address as `remote` when a trusted proxy relayed it, so the
         flow, the audit record and every plugin see the client, not the load balancer."""
@@ -200,12 +203,12 @@ class Gateway:
         return web.json_response(body, status=200 if ready else 503)
 
     def error_response(self, error: GatewayError, request_id: str | None = None) -> web.Response:
-        response = GatewayResponse.from_error(error, request_id or _new_request_id())
+        response = GatewayResponse.from_error(error, request_id or new_request_id())
         return web.Response(status=response.status, headers=response.headers, body=response.body)
 
     async def run_admin(self, request: web.Request, path: str, handler: Handler | None) -> web.StreamResponse:
         """Admin routes answer only to a principal that `authenticate` marks as admin."""
-        flow = Flow(request, _new_request_id(), path, b"")
+        flow = Flow(request, new_request_id(), path, b"")
         try:
             principal = await self.hooks.call_first("authenticate", flow=flow)
             if principal is None or not principal.is_admin:
@@ -221,7 +224,7 @@ class Gateway:
     # ------------------------------------------------------------ the pipeline
 
     async def run_pipeline(self, request: web.Request, path: str) -> web.StreamResponse:
-        request_id = _new_request_id()
+        request_id = new_request_id()
         refusal: GatewayError | None = None
         if self._max_concurrency and self.in_flight >= self._max_concurrency:
             refusal = GatewayError(503, "The gateway is at its concurrency limit; retry shortly.", code="overloaded",
@@ -255,7 +258,10 @@ class Gateway:
         if content.is_eof():
             # The whole body came with the head (any small request): take it in one piece, with no
             # await, timer or bytearray copy. `request.read()` still answers for a plugin calling it.
-            body = content.read_nowait()
+            try:
+                body = content.read_nowait()
+            except RequestPayloadError:
+                raise _malformed_body() from None
             if len(body) > self._max_body:
                 raise self._too_large()
             request._read_bytes = body
@@ -265,6 +271,8 @@ class Gateway:
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise self._too_large() from None
+        except RequestPayloadError:  # a broken chunked encoding, a compressed body that won't decompress
+            raise _malformed_body() from None
         except TimeoutError:
             raise GatewayError(408, "Timed out reading the request body.", code="request_timeout") from None
 
@@ -483,6 +491,11 @@ def _owner(function: Callable[..., Any]) -> object:
     return owner if owner is not None else sys.modules.get(function.__module__)
 
 
+def _malformed_body() -> GatewayError:
+    return GatewayError(400, "The request body could not be read: its chunked encoding or its Content-Encoding "
+                        "is broken.", code="invalid_request_body")
+
+
 def _logged_model(flow: Flow) -> str | None:
     """The model as sent when a plugin has read it, else the normalized request's (defaults applied)."""
     model = flow.scratch.get("model")
@@ -517,7 +530,7 @@ def make_app(config: Config, extra_plugins: list[Any] | None = None) -> web.Appl
     gateway = Gateway(config, plugin_set, app)
     app[GATEWAY] = gateway
     gateway.mount_routes()
-    app.router.add_route("*", "/{tail:.*}", gateway.handle)
+    app.router.add_route("*", "/{tail:.*}", gateway.handle, expect_handler=gateway.expect_continue)
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.stop)
     if gateway.cors is not None:  # a signal per response: only when asked for

@@ -9,6 +9,10 @@
   does not read costs at most that much memory.
 - Send timeout: a client whose buffer stays above the mark for ``[server] send_timeout_s``
   (it reads nothing) is disconnected, which cancels its flow and frees its concurrency slot.
+- Protocol errors: a request aiohttp cannot parse (a header line too long, a malformed head) and
+  a handler that raised are answered like every other refusal, with an OpenAI-shaped error and an
+  ``x-request-id`` instead of aiohttp's plain text, and logged as one line (with a traceback only
+  for the gateway's own failures). What the client sent is never echoed: it may hold a key.
 
 `GuardedAppRunner` is an ``aiohttp.web.AppRunner`` whose connections are `GuardedRequestHandler`s.
 """
@@ -22,10 +26,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+)
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from gatekeeper.errors import GatewayError
+from gatekeeper.flow import new_request_id
 from gatekeeper.logs import get_logger
 
 __all__ = ["ConnectionGuards", "GuardedAppRunner", "GuardedRequestHandler", "GuardsCollector"]
@@ -119,6 +135,56 @@ class GuardedRequestHandler(RequestHandler):
         self._guards.closed["send_timeout"] += 1
         log.debug("disconnecting a client that stopped reading", peer=self.peername)
         transport.abort()  # close() would wait for a buffer this client never drains
+
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # A body that broke (bad chunking, a gzip that won't inflate) was refused by the pipeline;
+        # aiohttp, draining the rest of it before reusing the connection, meets the same error
+        # again and closes the connection. The refusal is logged already: no traceback for it.
+        if isinstance(kw.get("exc_info"), RequestPayloadError):
+            return
+        super().log_exception(*args, **kw)
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse or hand to the app, OpenAI-shaped."""
+        if request.writer.output_size > 0:  # part of an answer is out: all that is left is to close
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        request_id = new_request_id()
+        if isinstance(exc, HttpProcessingError):
+            problem = _parse_problem(exc)
+            error = GatewayError(status if 400 <= status < 500 else 400,
+                                 f"The gateway could not parse this HTTP request: {problem}.",
+                                 code="invalid_http_request")
+            # TLS or a scanner on the plain port is routine on an open network: aiohttp too logs it at debug.
+            quiet = isinstance(exc, BadHttpMethod) and self._request_count == 1
+            (log.debug if quiet else log.info)("refused a malformed HTTP request", request_id=request_id,
+                                               peer=request.remote, problem=type(exc).__name__)
+        else:
+            error = GatewayError(500, "The gateway had an error while processing your request.",
+                                 type="server_error", code="gateway_error")
+            log.error("request handler failed", request_id=request_id, path=request.path, exc_info=exc)
+        response = web.Response(status=error.status, body=error.body(),
+                                headers={"content-type": "application/json", "x-request-id": request_id})
+        response.force_close()
+        return response
+
+
+def _parse_problem(error: HttpProcessingError) -> str:
+    """What was wrong with a request aiohttp could not parse, in words that quote none of it."""
+    if isinstance(error, LineTooLong):
+        return f"a request line or header line is longer than {error.args[1]} bytes"
+    if isinstance(error, BadHttpMethod):
+        return "the method is not a valid HTTP method"
+    if isinstance(error, BadStatusLine):
+        return "the request line is malformed"
+    if isinstance(error, InvalidURLError):
+        return "the request target is malformed"
+    if isinstance(error, InvalidHeader):
+        return "a header is malformed"
+    if isinstance(error, PayloadEncodingError):
+        return "the body does not match its Content-Length or Transfer-Encoding"
+    return "it is malformed"
 
 
 class _GuardedServer(web.Server):

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["GatewayError", "StartupError", "error_body"]
+__all__ = ["MALFORMED_JSON", "GatewayError", "StartupError", "error_body"]
+
+# What msgspec raises for bytes that are not JSON. Invalid UTF-8 inside a string and nesting deeper
+# than the interpreter's recursion limit arrive as UnicodeDecodeError and RecursionError, not as a
+# msgspec.DecodeError: code that decodes what a client, an upstream or a file on disk sent catches all three.
+MALFORMED_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 _ENCODER = msgspec.json.Encoder()
 

@@ -9,6 +9,8 @@ A stage ends the request early by setting `flow.response` (as mitmproxy's flows 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -18,12 +20,22 @@ import msgspec
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gatekeeper.errors import GatewayError
+from gatekeeper.errors import MALFORMED_JSON, GatewayError
 
-__all__ = ["Flow", "GatewayResponse", "Principal", "Outcome"]
+__all__ = ["Flow", "GatewayResponse", "Principal", "Outcome", "new_request_id"]
 
 _decode_json = msgspec.json.Decoder().decode
 _encode_json = msgspec.json.Encoder().encode
+
+# Request ids: a random per-process prefix and a counter. Unique across replicas and restarts
+# without a syscall per request.
+_REQUEST_ID_PREFIX = "req_gk_" + os.urandom(6).hex()
+_request_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A new gateway request id (``req_gk_...``), for a flow or for an answer made without one."""
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):012x}"
 
 
 class Outcome:
@@ -161,7 +173,7 @@ class Flow:
             if self.body and self.content_type in ("application/json", ""):
                 try:
                     self._json = _decode_json(self.body)
-                except msgspec.DecodeError:
+                except MALFORMED_JSON:
                     self._json = None
                     raise GatewayError(
                         400,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import msgspec
 
+from gatekeeper.errors import MALFORMED_JSON
+
 __all__ = ["SkimmedImages", "skim_images_body"]
 
 # A short string without escapes is one regex step; anything longer goes to `_string_end` (memchr).
@@ -79,7 +81,7 @@ def skim_images_body(body: bytes) -> SkimmedImages | None:
     skeleton = b"".join(pieces)
     try:
         _check_json(skeleton)  # trailing bytes, bad numbers, bad escapes: what the walk doesn't check
-    except msgspec.DecodeError:
+    except MALFORMED_JSON:
         return None
     return SkimmedImages(skeleton, [None if span is None else view[span[0]:span[1]] for span in items])
 

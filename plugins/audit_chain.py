@@ -24,6 +24,8 @@ from typing import Any
 
 import msgspec
 
+from gatekeeper.errors import MALFORMED_JSON
+
 __all__ = [
     "GENESIS",
     "Checkpoint",
@@ -132,7 +134,7 @@ def iter_records(files: Iterable[Path]) -> Iterator[tuple[bytes, dict[str, Any] 
                 line = raw[:-1] if ended else raw
                 try:
                     record = _decode(line)
-                except msgspec.DecodeError:
+                except MALFORMED_JSON:
                     record = None
                 yield line, record if isinstance(record, dict) else None, ended
 

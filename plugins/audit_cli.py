@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from gatekeeper.config import ConfigError, decode_section, parse_config, resolve_config_path
+from gatekeeper.errors import MALFORMED_JSON
 from gatekeeper_plugins.audit_chain import Checkpoint, iter_records, log_files, verify_files
 
 __all__ = ["add_audit_commands", "parse_since"]
@@ -108,7 +107,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             local = Checkpoint.decode(checkpoint_file.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"no such checkpoint file: {checkpoint_file}") from None
-        except msgspec.DecodeError as error:
+        except MALFORMED_JSON as error:
             print(f"FAIL: checkpoint {checkpoint_file} is unreadable: {error}")
             return 1
         if key is not None and not local.mac_ok(key):

@@ -20,6 +20,7 @@ import struct
 import msgspec
 import pybase64
 
+from gatekeeper.errors import MALFORMED_JSON
 from gatekeeper.images_body import skim_images_body
 
 __all__ = ["ImageFacts", "analyze_json_body", "analyze_sse_body", "analyze_images_body", "b64decode", "has_c2pa",
@@ -85,7 +86,7 @@ def analyze_json_body(body: bytes) -> ImageFacts:
             decoded = _b64_json_image(text)
             if decoded is not None:
                 images.append(decoded)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # not JSON (or not UTF-8), or a b64_json that isn't a string
+    except MALFORMED_JSON:  # not JSON (or not UTF-8), or a b64_json that isn't a string
         return ImageFacts([], [])
     return _facts(images)
 
@@ -127,7 +128,7 @@ def analyze_sse_body(body: bytes) -> ImageFacts:
             continue
         try:
             event = _decode_event(data)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except MALFORMED_JSON:
             continue
         if event.type.endswith(".completed") and event.b64_json:
             decoded = b64decode(event.b64_json)

@@ -34,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from gatekeeper.errors import MALFORMED_JSON
 from gatekeeper.logs import get_logger
 from gatekeeper_plugins.audit_chain import GENESIS, Checkpoint, line_hash, log_files, mac_ok, seal
 from gatekeeper_plugins.audit_record import RequestRecord, complete, iso_time
@@ -83,7 +84,7 @@ class _Tail:
 def _as_record(line: bytes) -> dict[str, Any] | None:
     try:
         value = _decode(line)
-    except msgspec.DecodeError:
+    except MALFORMED_JSON:
         return None
     if isinstance(value, dict) and isinstance(value.get("seq"), int) and isinstance(value.get("prev"), str):
         return value

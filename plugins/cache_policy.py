@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gatekeeper.errors import GatewayError
+from gatekeeper.errors import MALFORMED_JSON, GatewayError
 
 __all__ = [
     "URL_TTL_CAP_S",
@@ -123,7 +123,7 @@ def usage_from_body(body: bytes, event_stream: bool) -> dict[str, Any] | None:
             usage = event.usage or (event.response.usage if event.response else None)
             if usage:
                 found.append(usage)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except MALFORMED_JSON:  # ValidationError is a DecodeError
         return None
     if len(found) <= 1:
         return found[0] if found else None

@@ -38,11 +38,12 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "proxy-connection",
 })
-# Request headers the client never gets to pass upstream: credentials are the gateway's own, and
-# the body is re-framed by the client session.
+# Request headers the client never gets to pass upstream: credentials are the gateway's own, the
+# body is re-framed by the client session, aiohttp's server has already decoded a compressed body
+# (Content-Encoding), and the gateway answered any Expect itself.
 DROP_REQUEST = HOP_BY_HOP | {
     "host", "content-length", "authorization", "openai-organization", "openai-project", "accept-encoding",
-    "cookie", "x-gatekeeper-cache-ttl",
+    "cookie", "x-gatekeeper-cache-ttl", "content-encoding", "expect",
 }
 # The gateway answers browsers itself ([server] cors_allow_origins): the upstream's CORS headers
 # would otherwise reach them, through misses and cached entries, whatever that setting says.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from gatekeeper.errors import GatewayError
+from gatekeeper.errors import MALFORMED_JSON, GatewayError
 from gatekeeper.images_body import skim_images_body
 from gatekeeper.logs import get_logger
 from gatekeeper.multipart import parse_form
@@ -156,7 +156,7 @@ def summarize_json(body: bytes, skim: bool = False) -> JsonSummary | None:
             body = skimmed.skeleton
     try:
         decoded = _decode_body(body)
-    except msgspec.DecodeError:
+    except MALFORMED_JSON:
         return None
     return JsonSummary(decoded.usage, decoded.model, len(decoded.data) if decoded.data is not None else 0)
 
@@ -303,7 +303,7 @@ class SseUsageScanner:
             return  # a chat chunk without usage: not worth decoding
         try:
             event = _decode_event(payload)
-        except msgspec.DecodeError:
+        except MALFORMED_JSON:
             return  # `[DONE]` or a payload that is not a JSON object
         if event.response is not None:
             if event.response.usage is not None:

@@ -38,9 +38,12 @@ from typing import Any, Self
 import msgspec
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BodyPartReader, MultipartReader
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
+
+from gatekeeper.errors import MALFORMED_JSON
 
 __all__ = [
     "INPUT_IMAGE_TOKENS_PER_IMAGE",
@@ -326,7 +329,7 @@ def _new_id(prefix: str) -> str:
 def _json_object(body: bytes) -> _Json:
     try:
         value = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except MALFORMED_JSON:  # not JSON, not UTF-8, or nested past the recursion limit
         raise _ApiError(
             400,
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
@@ -374,7 +377,7 @@ async def _read_form(headers: Mapping[str, str], body: bytes) -> tuple[dict[str,
                 uploads.append(_Upload(name, part.filename, data))
             else:
                 fields[name] = data.decode("utf-8")
-    except ValueError:
+    except (ValueError, HttpProcessingError):  # a bad boundary, a cut-off part, a part's header that won't parse
         raise _ApiError(400, "Could not parse the multipart/form-data body.") from None
     return fields, uploads
 

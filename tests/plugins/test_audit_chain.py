@@ -105,10 +105,11 @@ def test_verify_reads_the_log_files_from_the_config_when_no_path_is_given(log_pa
 # ------------------------------------------------------------------ the tamper matrix
 
 
-def test_verify_names_the_record_whose_byte_was_flipped(log_path, capsys):
+@pytest.mark.parametrize("forged", [b'"tenant":"acmf"', b'"tenant":"ac\xffe"'], ids=["flipped", "no-longer-utf8"])
+def test_verify_names_the_record_whose_byte_was_flipped(log_path, capsys, forged):
     write_log(log_path, 10)
     lines = lines_of(log_path)
-    lines[3] = lines[3].replace(b'"tenant":"acme"', b'"tenant":"acmf"')
+    lines[3] = lines[3].replace(b'"tenant":"acme"', forged)
     log_path.write_bytes(b"".join(lines))
     code, out = verify(capsys, str(log_path))
     assert code == 1
@@ -300,6 +301,14 @@ def test_garbage_lines_after_a_crash_are_quarantined_too(log_path):
     """A crash can leave zero-filled blocks that end in a newline: not a record, so torn."""
     write_log(log_path, 3)
     log_path.write_bytes(log_path.read_bytes() + b"\x00" * 40 + b"\n")
+    write_log(log_path, 1)
+    records = [json.loads(line) for line in lines_of(log_path)]
+    assert [r.get("type") for r in records] == ["request"] * 3 + ["recovery", "request"]
+
+
+def test_a_torn_tail_that_is_not_utf8_is_quarantined_too(log_path):
+    write_log(log_path, 3)
+    log_path.write_bytes(log_path.read_bytes() + b'{"seq":4,"prev":"\xff\xfe"}\n')
     write_log(log_path, 1)
     records = [json.loads(line) for line in lines_of(log_path)]
     assert [r.get("type") for r in records] == ["request"] * 3 + ["recovery", "request"]
