@@ -217,9 +217,12 @@ class Gateway:
             if handler is None:
                 raise GatewayError(404, f"Unknown route {request.method} {path}.", code="unknown_url")
             request[PRINCIPAL] = principal
-            return await handler(request)
+            response = await handler(request)
         except GatewayError as error:
             return self.error_response(error, flow.request_id)
+        if not response.prepared:  # a route that streamed its answer has sent its headers already
+            response.headers.setdefault("x-request-id", flow.request_id)
+        return response
 
     # ------------------------------------------------------------ the pipeline
 

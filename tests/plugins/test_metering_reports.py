@@ -104,6 +104,7 @@ async def test_the_admin_route_answers_the_exact_sums_per_tenant_and_model(recor
         async with session.get(recorded.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
             assert r.status == 200
             assert await r.json() == EXPECTED
+            assert r.headers["x-request-id"].startswith("req_gk_")  # like every answer the gateway makes
 
 
 async def test_the_cli_prints_the_same_json_as_the_admin_route(recorded):
