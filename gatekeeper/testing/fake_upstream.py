@@ -29,6 +29,7 @@ import secrets
 import socket
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.multipart import BodyPartReader, MultipartReader
+from aiohttp.multipart import BadContentDispositionHeader, BodyPartReader, MultipartReader
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
@@ -371,7 +372,12 @@ async def _read_form(headers: Mapping[str, str], body: bytes) -> tuple[dict[str,
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise _ApiError(400, "Nested multipart bodies are not supported.")
-            name = part.name or ""
+            # aiohttp only warns about a Content-Disposition it cannot parse; OpenAI refuses the body.
+            with warnings.catch_warnings(record=True) as unparsed:  # no await inside: no other request's warnings
+                warnings.simplefilter("always", BadContentDispositionHeader)
+                name = part.name or ""
+            if unparsed:
+                raise ValueError("a part's Content-Disposition does not parse")
             data = bytes(await part.read())
             if name in _FILE_PARTS:
                 uploads.append(_Upload(name, part.filename, data))
@@ -925,7 +931,8 @@ class FakeUpstream:
         """Serve on host:port (0 picks a free port); returns the base URL ending in /v1."""
         if self._runner is not None:
             raise RuntimeError("FakeUpstream is already started")
-        runner = web.AppRunner(self.make_app(), shutdown_timeout=1.0, access_log=None)
+        # Header lines up to the gateway's own limit: what the gateway accepts it may pass on.
+        runner = web.AppRunner(self.make_app(), shutdown_timeout=1.0, access_log=None, max_field_size=16384)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()

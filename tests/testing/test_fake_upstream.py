@@ -183,8 +183,10 @@ async def test_generate_dalle3_with_two_images_is_a_bad_request(sdk: openai.Asyn
         await sdk.images.generate(model="dall-e-3", prompt="a fox", n=2)
 
 
-async def test_invalid_json_body_is_400(http: TestClient) -> None:
-    answer = await http.post("/v1/images/generations", data=b"{not json", headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize("body", [b"{not json", b'{"prompt":"\xff"}', b'{"prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+                         ids=["not-json", "not-utf8", "nested-100k"])
+async def test_invalid_json_body_is_400(http: TestClient, body: bytes) -> None:
+    answer = await http.post("/v1/images/generations", data=body, headers={"Content-Type": "application/json"})
     assert answer.status == 400
     assert (await answer.json())["error"]["type"] == "invalid_request_error"
 
@@ -269,6 +271,18 @@ async def test_edit_without_image_is_400(http: TestClient) -> None:
     answer = await http.post("/v1/images/edits", data=form)
     assert answer.status == 400
     assert (await answer.json())["error"]["param"] == "image"
+
+
+@pytest.mark.parametrize("part_head", [
+    b'Content-Disposition: form-data; name="pro',  # a Content-Disposition that does not parse
+    b"Content-Disp",  # a part header cut short
+], ids=["bad-disposition", "cut-header"])
+@pytest.mark.filterwarnings("ignore::aiohttp.multipart.BadContentDispositionHeader")  # aiohttp's own, before ours
+async def test_an_edit_whose_multipart_body_will_not_parse_is_400(http: TestClient, part_head: bytes) -> None:
+    body = b"--b\r\n" + part_head + b"\r\n\r\nblue\r\n--b--\r\n"
+    answer = await http.post("/v1/images/edits", data=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert answer.status == 400
+    assert (await answer.json())["error"]["message"] == "Could not parse the multipart/form-data body."
 
 
 async def test_edit_with_dalle3_is_rejected(sdk: openai.AsyncOpenAI) -> None:
