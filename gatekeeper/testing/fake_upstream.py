@@ -441,6 +441,8 @@ class _Params:
             return default
         if self.from_form and isinstance(value, str) and re.fullmatch(r"-?\d+", value):
             value = int(value)
+        if type(value) is float and value.is_integer():  # JSON Schema's `integer`: any number without a fraction
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise _ApiError(400, f"Invalid type for '{name}': expected an integer.", param=name, code="invalid_type")
         if value < minimum:

@@ -191,6 +191,17 @@ async def test_invalid_json_body_is_400(http: TestClient, body: bytes) -> None:
     assert (await answer.json())["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(("n", "status"), [(2.0, 200), (1.5, 400), (True, 400), ("2", 400)])
+async def test_an_integer_field_takes_any_json_number_without_a_fraction(http: TestClient, n: object, status: int) -> None:
+    """As JSON Schema reads `type: integer`, and as the gateway's normalization compares values (1.0 is 1)."""
+    answer = await http.post("/v1/images/generations", json={"model": "gpt-image-1", "prompt": "fox", "n": n})
+    assert answer.status == status
+    if status == 200:
+        assert len((await answer.json())["data"]) == 2
+    else:
+        assert (await answer.json())["error"]["param"] == "n"
+
+
 async def test_unknown_request_fields_are_ignored(http: TestClient) -> None:
     answer = await http.post(
         "/v1/images/generations", json={"model": "gpt-image-1.5", "prompt": "a fox", "frame_count": 4}
