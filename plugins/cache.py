@@ -47,6 +47,7 @@ from gatekeeper_plugins.cache_policy import (
     request_controls,
     upstream_forbids_store,
     usage_from_body,
+    worth_keeping,
 )
 from gatekeeper_plugins.normalize_rules import DEFAULT_CACHE_ENDPOINTS, IMAGE_ROUTES
 
@@ -480,8 +481,13 @@ class Plugin:
 
     def _entry(self, flow: Flow, status: int, headers: CIMultiDict[str], body: bytes,
                usage: dict[str, Any] | None, annotations: dict[str, Any]) -> Entry | None:
-        """The entry for an answer followers may share; None when the upstream said ``no-store``."""
+        """The entry for an answer followers may share; None when the upstream said ``no-store``
+        or the 200 is no answer to keep (`worth_keeping`): then each follower asks for itself."""
         if upstream_forbids_store(headers):
+            return None
+        if not worth_keeping(headers, body):
+            log.warning("not caching a 200 that is no answer: an HTML page, or JSON that is not one object", request_id=flow.request_id,
+                        route=flow.route, content_type=headers.get("content-type"), bytes=len(body))
             return None
         normalized = flow.scratch.get("normalize")
         model = normalized.get("model") if isinstance(normalized, dict) else None

@@ -1,7 +1,8 @@
 """What the cache may keep, for how long, and what a request asks of it.
 
 Pure functions over headers and bytes, used by the cache plugin: the request's own controls
-(``Cache-Control``, ``x-gatekeeper-cache-ttl``), the upstream's ``no-store``, which response
+(``Cache-Control``, ``x-gatekeeper-cache-ttl``), the upstream's ``no-store``, whether a 200 is an
+answer at all (not a relay's HTML page or a JSON document cut short), which response
 headers are replayed, the 55-minute cap for DALL·E URLs, and (for answers finished after the
 client left) the upstream's `usage` read from the body.
 """
@@ -25,6 +26,7 @@ __all__ = [
     "replayed_headers",
     "has_image_url",
     "usage_from_body",
+    "worth_keeping",
 ]
 
 # DALL·E image URLs die 60 minutes after generation (contract 12): keep them at most 55.
@@ -79,6 +81,34 @@ def replayed_headers(headers: CIMultiDict[str], upstream_request_id: str | None)
     return tuple([(str(name), value) for name, value in headers.items()
                   if (lower := name.lower()) not in _NOT_REPLAYED and not lower.startswith("x-gatekeeper-")
                   and (lower != "x-request-id" or value == upstream_request_id)])
+
+
+class _AnyObject(msgspec.Struct):
+    pass
+
+
+_check_object = msgspec.json.Decoder(_AnyObject).decode  # fields skipped: only "is this one JSON object"
+# Below this a JSON answer is checked in full (a few µs); above it, by its first and last bytes: a
+# full check of a 1.5 MB image answer costs about 0.4 ms, and junk pages are small.
+_CHECKED_IN_FULL_BELOW = 64 * 1024
+
+
+def worth_keeping(headers: CIMultiDict[str], body: bytes) -> bool:
+    """Whether a 200 answer may be stored. A relay's or a captive proxy's HTML page, an empty body or
+    a JSON document cut short, answered 200 all the same, would otherwise be replayed to every
+    identical request for a day; event streams and other types (audio) are kept as they come."""
+    content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if content_type == "text/html":
+        return False
+    if content_type != "application/json":
+        return True
+    if len(body) < _CHECKED_IN_FULL_BELOW:
+        try:
+            _check_object(body)
+        except MALFORMED_JSON:
+            return False
+        return True
+    return body[:64].lstrip().startswith(b"{") and body[-64:].rstrip().endswith(b"}")
 
 
 def has_image_url(body: bytes) -> bool:

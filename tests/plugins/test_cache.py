@@ -322,6 +322,24 @@ async def test_an_upstream_no_store_answer_is_not_stored(gateway_kit, fake_upstr
     assert again.cache == "MISS" and fake_upstream.count(GENERATIONS) == 2
 
 
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("text/html", b"<html><body>Please sign in to the proxy</body></html>"),
+    ("application/json", b""),
+    ("application/json", b"[1, 2]"),
+    ("application/json", b'{"created": 1, "data": ['),
+    ("application/json", b'{"created": 1, "data": ["' + b"A" * 100_000),  # large: judged by its ends
+], ids=["html-page", "empty", "array", "cut-short", "large-cut-short"])
+async def test_a_200_that_is_no_answer_is_not_stored(gateway_kit, fake_upstream, cache_overrides, content_type, body):
+    """A relay's page or a broken document answered 200 goes to its client as it came, and no further."""
+    gateway = await gateway_kit.start(cache_overrides)
+    fake_upstream.inject(path=GENERATIONS, status=200, body=body, headers={"Content-Type": content_type})
+    first = await post(gateway, GENERATIONS, json=BASE)
+    await wait_for_stores(gateway)
+    again = await post(gateway, GENERATIONS, json=BASE)
+    assert (first.status, first.body) == (200, body)
+    assert (again.status, again.cache) == (200, "MISS") and fake_upstream.count(GENERATIONS) == 2
+
+
 async def test_an_answer_over_max_entry_bytes_is_not_stored(gateway_kit, fake_upstream, cache_overrides):
     gateway = await gateway_kit.start(merge(cache_overrides, {"cache": {"max_entry_bytes": 200}}))
     await post(gateway, GENERATIONS, json=BASE)
