@@ -30,7 +30,7 @@ from gatekeeper.config import Config, ConfigError
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome
 from gatekeeper.logs import get_logger, register_secret, register_url_secrets
-from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body
+from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body, analyze_responses_body
 from gatekeeper_plugins.audit_pg import TABLE_NAME, PostgresCheckpoints
 from gatekeeper_plugins.audit_record import (
     IMAGE_ROUTES,
@@ -211,8 +211,8 @@ class Plugin:
     @hookimpl
     def wrap_response_stream(self, flow: Flow) -> None:
         """Ask for the whole body of image responses whose image hashes are not known yet."""
-        if (flow.route in IMAGE_ROUTES and 200 <= (flow.status or 0) < 300
-                and "output_image_sha256" not in flow.annotations):
+        if (200 <= (flow.status or 0) < 300 and "output_image_sha256" not in flow.annotations
+                and _returns_images(flow)):
             flow.collect_response_body = True
         return None
 
@@ -244,7 +244,7 @@ class Plugin:
             flow.annotate_later(task)
             return None
         if unhashed is not None:
-            self._keep_image_facts(flow, analyze_images_body(unhashed, self._is_event_stream(flow)))
+            self._keep_image_facts(flow, _analyze(flow.route, unhashed, self._is_event_stream(flow)))
         flow.scratch[self.name] = {"submitted": True}
         self._collect(capture(flow, None, flow.annotations, None, self.log_prompts))
         return None
@@ -364,8 +364,8 @@ class Plugin:
         """The body of an image response whose images haven't been hashed yet (a miss), else None.
         On a hit the cache restores flow.annotations with the hashes, so nothing is decoded again."""
         body = flow.response_body
-        if (body is None or "output_image_sha256" in flow.annotations or flow.route not in IMAGE_ROUTES
-                or not 200 <= (flow.status or 0) < 300):
+        if (body is None or "output_image_sha256" in flow.annotations or not 200 <= (flow.status or 0) < 300
+                or not _returns_images(flow)):
             return None
         return body
 
@@ -375,9 +375,9 @@ class Plugin:
             return
         event_stream = self._is_event_stream(flow)
         if len(body) > OFF_LOOP_BYTES:
-            facts = await asyncio.to_thread(analyze_images_body, body, event_stream)
+            facts = await asyncio.to_thread(_analyze, flow.route, body, event_stream)
         else:
-            facts = analyze_images_body(body, event_stream)
+            facts = _analyze(flow.route, body, event_stream)
         self._keep_image_facts(flow, facts)
 
     @staticmethod
@@ -409,6 +409,25 @@ class Plugin:
             log.exception("audit could not read the request", request_id=flow.request_id)
             return RequestFacts()
         return None
+
+
+def _returns_images(flow: Flow) -> bool:
+    """Whether the answer may carry generated images: the Images API, and Responses requests that
+    give the model the ``image_generation`` tool (contract 4.4), so no image escapes the log."""
+    if flow.route in IMAGE_ROUTES:
+        return True
+    if flow.route != "responses":
+        return False
+    try:
+        tools = flow.json.get("tools") if isinstance(flow.json, dict) else None
+    except GatewayError:
+        return False
+    return isinstance(tools, list) and any(isinstance(tool, dict) and tool.get("type") == "image_generation"
+                                           for tool in tools)
+
+
+def _analyze(route: str, body: bytes, event_stream: bool) -> ImageFacts:
+    return analyze_responses_body(body, event_stream) if route == "responses" else analyze_images_body(body, event_stream)
 
 
 def _pass_on(written: concurrent.futures.Future[int], answer: asyncio.Future[int]) -> None:

@@ -5,7 +5,9 @@ The Images API returns each image as base64 of the encoded file (``data[].b64_js
 which is also the SHA-256 of the file a client saves, so ``gatekeeper audit find-image`` can go
 from a file back to the request that produced it. Partial images of a stream are previews, not
 outputs, and are skipped. URL responses (DALL-E ``response_format=url``) carry no bytes and yield
-no hash: the gateway never fetches them.
+no hash: the gateway never fetches them. The Responses API's ``image_generation`` tool returns its
+image as the ``result`` of an ``image_generation_call`` output item (contract 4.4): in the response
+object, or in a stream's ``response.output_item.done`` event.
 
 C2PA detection only reads container structure, never changes a byte: a PNG ``caBX`` chunk, a
 JPEG APP11 segment carrying JUMBF (``JP`` common identifier), a WebP ``C2PA`` RIFF chunk.
@@ -23,8 +25,8 @@ import pybase64
 from gatekeeper.errors import MALFORMED_JSON
 from gatekeeper.images_body import skim_images_body
 
-__all__ = ["ImageFacts", "analyze_json_body", "analyze_sse_body", "analyze_images_body", "b64decode", "has_c2pa",
-           "sha256_hex"]
+__all__ = ["ImageFacts", "analyze_json_body", "analyze_sse_body", "analyze_images_body", "analyze_responses_body",
+           "b64decode", "has_c2pa", "sha256_hex"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -49,9 +51,26 @@ class _StreamEvent(msgspec.Struct):
     b64_json: str | None = None
 
 
+class _OutputItem(msgspec.Struct):
+    type: str = ""
+    result: str | None = None
+
+
+class _ResponseObject(msgspec.Struct):
+    output: list[_OutputItem] | None = None
+
+
+class _ResponseEvent(msgspec.Struct):
+    type: str = ""
+    item: _OutputItem | None = None
+
+
 _decode_response = msgspec.json.Decoder(_ImagesResponse).decode
 _decode_value = msgspec.json.Decoder(str | None).decode
 _decode_event = msgspec.json.Decoder(_StreamEvent).decode
+_decode_response_object = msgspec.json.Decoder(_ResponseObject).decode
+_decode_response_event = msgspec.json.Decoder(_ResponseEvent).decode
+_IMAGE_CALL = b'"image_generation_call"'
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
@@ -122,8 +141,7 @@ def _b64_json_image(text: memoryview | None) -> bytes | None:
 def analyze_sse_body(body: bytes) -> ImageFacts:
     """Facts about the final images of an image stream (``*.completed`` events only)."""
     images = []
-    for frame in body.replace(b"\r\n", b"\n").split(b"\n\n"):
-        data = b"".join(line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:"))
+    for data in _sse_data(body):
         if b"completed" not in data:
             continue
         try:
@@ -139,6 +157,34 @@ def analyze_sse_body(body: bytes) -> ImageFacts:
 
 def analyze_images_body(body: bytes, event_stream: bool) -> ImageFacts:
     return analyze_sse_body(body) if event_stream else analyze_json_body(body)
+
+
+def analyze_responses_body(body: bytes, event_stream: bool) -> ImageFacts:
+    """Facts about the images a Responses API answer's ``image_generation`` calls returned."""
+    if body.find(_IMAGE_CALL) < 0:
+        return ImageFacts([], [])
+    results: list[str | None] = []
+    try:
+        if not event_stream:
+            results = [item.result for item in _decode_response_object(body).output or ()
+                       if item.type == "image_generation_call"]
+        else:
+            for data in _sse_data(body):
+                if _IMAGE_CALL not in data or b"response.output_item.done" not in data:
+                    continue
+                event = _decode_response_event(data)
+                if event.type == "response.output_item.done" and event.item and event.item.type == "image_generation_call":
+                    results.append(event.item.result)
+    except MALFORMED_JSON:
+        return ImageFacts([], [])
+    images = [image for result in results if result and (image := b64decode(result)) is not None]
+    return _facts(images)
+
+
+def _sse_data(body: bytes) -> list[bytes]:
+    """The data of each event of an SSE body (its ``data:`` lines joined)."""
+    return [b"".join(line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:"))
+            for frame in body.replace(b"\r\n", b"\n").split(b"\n\n")]
 
 
 # ------------------------------------------------------------------ C2PA

@@ -724,19 +724,22 @@ def _response_object(model: str, prompt: str, text: str, instructions: object) -
     }
 
 
-def _response_events(completed: _Json) -> list[bytes]:
-    """The Responses stream for `completed`, numbered by sequence_number; usage comes last."""
-    message = completed["output"][0]
+def _response_events(completed: _Json, image_steps: Sequence[_Json] = ()) -> list[bytes]:
+    """The Responses stream for `completed`, numbered by sequence_number; usage comes last.
+    `image_steps` are an image generation call's events, ahead of the message (its last item)."""
+    message = completed["output"][-1]
+    message_index = len(completed["output"]) - 1
     part = message["content"][0]
     text = part["text"]
     in_progress = {**completed, "status": "in_progress", "output": [], "usage": None}
-    where = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    where = {"item_id": message["id"], "output_index": message_index, "content_index": 0}
     steps: list[_Json] = [
         {"type": "response.created", "response": in_progress},
         {"type": "response.in_progress", "response": in_progress},
+        *image_steps,
         {
             "type": "response.output_item.added",
-            "output_index": 0,
+            "output_index": message_index,
             "item": {**message, "status": "in_progress", "content": []},
         },
         {"type": "response.content_part.added", **where, "part": {**part, "text": ""}},
@@ -746,10 +749,42 @@ def _response_events(completed: _Json) -> list[bytes]:
         ),
         {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
         {"type": "response.content_part.done", **where, "part": part},
-        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {"type": "response.output_item.done", "output_index": message_index, "item": message},
         {"type": "response.completed", "response": completed},
     ]
     return [_sse_event(step["type"], {**step, "sequence_number": number}) for number, step in enumerate(steps)]
+
+
+def _image_tool(tools: object) -> _Json | None:
+    """The `image_generation` tool of a Responses request, if it has one (contract 4.4)."""
+    if isinstance(tools, list):
+        for tool in tools:
+            if isinstance(tool, dict) and tool.get("type") == "image_generation":
+                return tool
+    return None
+
+
+def _image_call(image: bytes) -> _Json:
+    """A finished `image_generation_call` output item (Spec:ImageGenToolCall)."""
+    return {"id": _new_id("ig_"), "type": "image_generation_call", "status": "completed", "result": _b64(image)}
+
+
+def _image_call_events(call: _Json, output_index: int, partials: list[bytes], tool: _Json) -> list[_Json]:
+    """The events of one image generation call inside a Responses stream; the image itself only
+    in ``response.output_item.done`` (``...image_generation_call.completed`` carries none)."""
+    where = {"output_index": output_index, "item_id": call["id"]}
+    shape = {name: tool.get(name, "auto") for name in ("size", "quality", "background")}
+    shape["output_format"] = tool.get("output_format", "png")
+    return [
+        {"type": "response.output_item.added", "output_index": output_index,
+         "item": {**call, "status": "in_progress", "result": None}},
+        {"type": "response.image_generation_call.in_progress", **where},
+        {"type": "response.image_generation_call.generating", **where},
+        *({"type": "response.image_generation_call.partial_image", **where, "partial_image_index": index,
+           "partial_image_b64": _b64(partial), **shape} for index, partial in enumerate(partials)),
+        {"type": "response.image_generation_call.completed", **where},
+        {"type": "response.output_item.done", "output_index": output_index, "item": call},
+    ]
 
 
 def _embedding_inputs(value: object) -> list[tuple[str, int]]:
@@ -1237,9 +1272,20 @@ class FakeUpstream:
             )
         prompt = _responses_input_text(given)
         response = _response_object(model, prompt, f"echo: {prompt}", params.values.get("instructions"))
+        tool = _image_tool(params.values.get("tools"))
+        if tool is None:
+            return _json_reply(response) if not params.flag("stream") else _sse_reply(_response_events(response))
+        # The image generation tool: one image, drawn from the prompt, before the message.
+        output_format = tool.get("output_format", "png")
+        call = _image_call(self._image_bytes(output_format, f"responses:{prompt}"))
+        response["output"].insert(0, call)
+        response["tools"] = [tool]
         if not params.flag("stream"):
             return _json_reply(response)
-        return _sse_reply(_response_events(response))
+        count = tool.get("partial_images", 0)
+        partials = [self._image_bytes(output_format, f"responses:{prompt}:partial{index}")
+                    for index in range(count if isinstance(count, int) and 0 < count <= 3 else 0)]
+        return _sse_reply(_response_events(response, _image_call_events(call, 0, partials, tool)))
 
     async def _embeddings(self, request: web.Request, body: bytes) -> _Reply:
         params = _Params(_json_object(body))

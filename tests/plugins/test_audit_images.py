@@ -13,7 +13,7 @@ import pytest
 
 from gatekeeper.images_body import skim_images_body
 from gatekeeper.testing.fake_upstream import jpeg_bytes, png_bytes, webp_bytes
-from gatekeeper_plugins.audit_images import analyze_json_body, analyze_sse_body, has_c2pa
+from gatekeeper_plugins.audit_images import analyze_json_body, analyze_responses_body, analyze_sse_body, has_c2pa
 
 MAKERS = {"png": png_bytes, "jpeg": jpeg_bytes, "webp": webp_bytes}
 
@@ -132,3 +132,33 @@ def test_edit_streams_are_read_like_generation_streams():
 
 def test_a_body_that_is_not_json_yields_no_hashes():
     assert analyze_json_body(b"<html>bad gateway</html>").sha256 == []
+
+
+def test_a_responses_object_yields_the_result_of_each_image_generation_call():
+    images = [png_bytes("r1"), png_bytes("r2", c2pa=True)]
+    body = msgspec.json.encode({"object": "response", "output": [
+        {"type": "image_generation_call", "id": "ig_1", "status": "completed", "result": b64(images[0])},
+        {"type": "message", "content": [{"type": "output_text", "text": "image_generation_call"}]},
+        {"type": "image_generation_call", "id": "ig_2", "status": "failed", "result": None},
+        {"type": "image_generation_call", "id": "ig_3", "status": "completed", "result": b64(images[1])},
+    ]})
+    facts = analyze_responses_body(body, event_stream=False)
+    assert facts.sha256 == [sha(images[0]), sha(images[1])] and facts.c2pa == [False, True]
+
+
+def test_a_responses_stream_yields_the_images_of_output_item_done_only():
+    image, partial = png_bytes("final"), png_bytes("partial")
+    body = b"".join([
+        sse("response.output_item.added", {"item": {"type": "image_generation_call", "id": "ig_1", "result": None}}),
+        sse("response.image_generation_call.partial_image", {"item_id": "ig_1", "partial_image_b64": b64(partial)}),
+        sse("response.image_generation_call.completed", {"item_id": "ig_1"}),
+        sse("response.output_item.done", {"item": {"type": "image_generation_call", "id": "ig_1", "result": b64(image)}}),
+        sse("response.completed", {"response": {"output": [
+            {"type": "image_generation_call", "id": "ig_1", "result": b64(image)}]}}),
+    ])
+    assert analyze_responses_body(body, event_stream=True).sha256 == [sha(image)]
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b'{"output": "image_generation_call"}', b'\xff"image_generation_call"'])
+def test_a_responses_answer_that_does_not_parse_yields_no_images(body):
+    assert analyze_responses_body(body, event_stream=False).sha256 == []

@@ -162,6 +162,39 @@ async def test_a_stream_record_hashes_the_completed_images_only(sdk, audit_path)
     assert records[-1]["outcome"] == "ok"
 
 
+async def test_an_image_made_by_the_responses_image_generation_tool_is_recorded_like_any_other(sdk, audit_path, tmp_path):
+    """An app that asks for images through the Responses API leaves the same trail (contract 4.4)."""
+    raw = await sdk.responses.with_raw_response.create(
+        model="gpt-4.1", input="draw a lighthouse", tools=[{"type": "image_generation"}])
+    (call,) = [item for item in raw.parse().output if item.type == "image_generation_call"]
+    record = record_of(audit_path, raw.headers["x-gatekeeper-request-id"])
+    assert (record["path"], record["model"]) == ("/v1/responses", "gpt-4.1")
+    assert record["output_image_sha256"] == [sha(base64.b64decode(call.result))]
+    assert record["c2pa"] == [False]
+
+    saved = tmp_path / "lighthouse.png"
+    saved.write_bytes(base64.b64decode(call.result))
+    found = await asyncio.to_thread(run_cli, "find-image", str(saved), "--path", str(audit_path))
+    assert found.returncode == 0 and json.loads(found.stdout)["request_id"] == record["request_id"]
+
+
+async def test_a_responses_stream_records_the_final_image_of_each_call_not_its_partials(sdk, audit_path):
+    stream = await sdk.responses.create(model="gpt-4.1", input="draw a fox", stream=True,
+                                        tools=[{"type": "image_generation", "partial_images": 2}])
+    finals, partials = [], 0
+    async for event in stream:
+        partials += event.type == "response.image_generation_call.partial_image"
+        if event.type == "response.output_item.done" and event.item.type == "image_generation_call":
+            finals.append(event.item.result)
+    assert partials == 2 and len(finals) == 1
+    assert read_records(audit_path)[-1]["output_image_sha256"] == [sha(base64.b64decode(finals[0]))]
+
+
+async def test_a_responses_request_without_the_image_tool_records_no_images(sdk, audit_path):
+    await sdk.responses.create(model="gpt-4.1", input="just words")
+    assert read_records(audit_path)[-1]["output_image_sha256"] is None
+
+
 async def test_a_multipart_edit_records_the_hash_of_every_input_image_and_the_mask(sdk, audit_path):
     first, second, mask = png_bytes("first"), png_bytes("second"), png_bytes("mask")
     raw = await sdk.images.with_raw_response.edit(

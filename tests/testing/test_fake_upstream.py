@@ -373,6 +373,24 @@ async def test_responses_create_and_stream(sdk: openai.AsyncOpenAI) -> None:
     assert events[-1].response.usage.output_tokens == 2
 
 
+async def test_responses_with_the_image_generation_tool_return_an_image_call_then_the_message(
+        sdk: openai.AsyncOpenAI) -> None:
+    response = await sdk.responses.create(model="gpt-4.1", input="a fox", tools=[{"type": "image_generation"}])
+    call, message = response.output
+    assert (call.type, call.status, message.type) == ("image_generation_call", "completed", "message")
+    assert base64.b64decode(call.result).startswith(b"\x89PNG")
+    stream = await sdk.responses.create(model="gpt-4.1", input="a fox", stream=True,
+                                        tools=[{"type": "image_generation", "partial_images": 1}])
+    events = [event async for event in stream]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    image_events = [event.type for event in events if "image_generation_call" in event.type]
+    assert image_events == ["response.image_generation_call.in_progress", "response.image_generation_call.generating",
+                            "response.image_generation_call.partial_image", "response.image_generation_call.completed"]
+    done = [event.item for event in events if event.type == "response.output_item.done"]
+    assert done[0].type == "image_generation_call" and done[0].result == call.result  # the same prompt, the same image
+    assert events[-1].response.output[0].result == call.result
+
+
 async def test_embeddings_sdk_default_asks_base64_and_decodes_the_float_vectors(
     sdk: openai.AsyncOpenAI, fake: FakeUpstream
 ) -> None:
