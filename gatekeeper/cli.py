@@ -18,7 +18,7 @@ from gatekeeper import __version__, hookspecs
 from gatekeeper.config import ConfigError, load_config
 from gatekeeper.dispatch import Hooks
 from gatekeeper.errors import StartupError
-from gatekeeper.logs import configure_logging, get_logger
+from gatekeeper.logs import configure_logging, get_logger, redact_text
 
 __all__ = ["main", "build_parser"]
 
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        print(redact_text(f"config error: {error}"), file=sys.stderr)  # a value in the wrong place may be a key
         return 2
     except StartupError as error:  # through the log: its redaction keeps database passwords out
         cause = f"{type(error.error).__name__}: {error.error}"

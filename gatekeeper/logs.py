@@ -1,8 +1,8 @@
 """Structured logs: JSON lines off a TTY, readable console lines on one.
 
-Every log line passes `redact`, which removes registered secrets (upstream keys) and anything
-that looks like a bearer token or an API key, so no log line can carry a key whatever a
-plugin puts in it.
+Every log line passes `redact`, which removes registered secrets (upstream keys), the password
+of any URL with credentials, and anything that looks like a bearer token or an API key, so no
+log line can carry a key whatever a plugin puts in it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ __all__ = ["configure_logging", "get_logger", "register_secret", "register_url_s
 
 _secrets: set[str] = set()
 _TOKEN_PATTERN = re.compile(r"(?i)(bearer\s+)[^\s\"',]+|\bsk-[A-Za-z0-9_\-]{6,}")
+# The password of any URL with credentials ("redis://:pw@host", "http://user:pw@proxy"), registered or not.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@'\"]*:)[^\s/@'\"]+@")
 
 
 def register_secret(value: str | None) -> None:
@@ -46,6 +48,8 @@ def redact_text(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "[redacted]")
+    if "@" in text and "://" in text:
+        text = _URL_PASSWORD.sub(r"\1[redacted]@", text)
     if "sk-" not in text and "bearer" not in text.lower():
         return text  # cheap pre-check: nothing the pattern could match
     return _TOKEN_PATTERN.sub(lambda m: (m.group(1) or "") + "[redacted]", text)

@@ -111,6 +111,15 @@ def test_check_config_fails_with_exit_2_on_a_bad_file(tmp_path, capsys):
     assert "server.port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("misplaced", ["sk-proj-misplaced-key-0042", "redis://:misplaced-pw@cache:6379/0"])
+def test_a_config_error_never_repeats_a_key_or_password_put_in_the_wrong_setting(tmp_path, capsys, misplaced):
+    path = write(tmp_path, f'[audit]\nfsync = "{misplaced}"\n')
+    assert main(["check-config", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "audit.fsync" in error and "[redacted]" in error
+    assert "misplaced-key" not in error and "misplaced-pw" not in error
+
+
 def test_the_shipped_config_toml_is_valid(monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-shipped-config-test")
     monkeypatch.setenv("GATEKEEPER_ADMIN_KEY", "sk-admin-shipped-config-test")

@@ -66,3 +66,12 @@ def test_gatekeeper_events_and_stdlib_records_share_the_format(capsys):
     own, foreign = json_lines(capsys)
     assert (own["event"], own["key"], own["level"]) == ("gateway event", "[redacted]", "info")
     assert (foreign["event"], foreign["level"]) == ("stdlib record", "warning")
+
+
+def test_the_password_of_any_url_is_redacted_registered_or_not(capsys):
+    configure_logging("info", "json")
+    logging.getLogger("aiohttp.client").warning("proxy http://corp:hunter2@proxy.internal:3128 refused the tunnel")
+    get_logger("gatekeeper.test").info("connecting", dsn="postgresql://gk:s3cret-pw@db.internal/usage")
+    stdlib, own = json_lines(capsys)
+    assert stdlib["event"] == "proxy http://corp:[redacted]@proxy.internal:3128 refused the tunnel"
+    assert own["dsn"] == "postgresql://gk:[redacted]@db.internal/usage"
