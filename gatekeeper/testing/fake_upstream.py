@@ -1067,9 +1067,9 @@ class FakeUpstream:
         cut_bytes: int | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=reply.status, headers=headers)
-        await response.prepare(request)
         sent = 0
         try:
+            await response.prepare(request)  # the client may have gone while the answer was made
             for index, event in enumerate(reply.events or []):
                 if cut_events is not None and index >= cut_events:
                     break
