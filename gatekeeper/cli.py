@@ -17,7 +17,7 @@ import pluggy
 from gatekeeper import __version__, hookspecs
 from gatekeeper.config import ConfigError, load_config
 from gatekeeper.dispatch import Hooks
-from gatekeeper.errors import StartupError
+from gatekeeper.errors import ListenError, StartupError
 from gatekeeper.logs import configure_logging, get_logger, redact_text
 
 __all__ = ["main", "build_parser"]
@@ -152,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as error:  # through the log: its redaction keeps database passwords out
         cause = f"{type(error.error).__name__}: {error.error}"
         get_logger("gatekeeper").error("gateway could not start", plugin=error.plugin, error=cause)
+        return 1
+    except ListenError as error:
+        get_logger("gatekeeper").error("gateway could not start", address=error.address,
+                                       error=error.error.strerror or str(error.error))
         return 1
     except KeyboardInterrupt:
         return 130

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["MALFORMED_JSON", "GatewayError", "StartupError", "error_body"]
+__all__ = ["MALFORMED_JSON", "GatewayError", "ListenError", "StartupError", "error_body"]
 
 # What msgspec raises for bytes that are not JSON. Invalid UTF-8 inside a string and nesting deeper
 # than the interpreter's recursion limit arrive as UnicodeDecodeError and RecursionError, not as a
@@ -88,4 +88,15 @@ class StartupError(Exception):
     def __init__(self, plugin: str, error: BaseException) -> None:
         super().__init__(f"the {plugin} plugin could not start: {type(error).__name__}: {error}")
         self.plugin = plugin
+        self.error = error
+
+
+class ListenError(Exception):
+    """The address ``[server]`` names can't be listened on (already in use, not permitted, a socket
+    path that can't be made). `gatekeeper serve` says so in one log line and exits 1, once the
+    plugins that had started have shut down: their threads would otherwise keep the process alive."""
+
+    def __init__(self, address: str, error: OSError) -> None:
+        super().__init__(f"cannot listen on {address}: {error.strerror or error}")
+        self.address = address
         self.error = error

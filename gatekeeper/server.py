@@ -19,6 +19,7 @@ from aiohttp import http_writer, web
 
 from gatekeeper.app import GATEWAY, Gateway, make_app
 from gatekeeper.config import Config, ConfigError, ServerConfig, load_config
+from gatekeeper.errors import ListenError
 from gatekeeper.connection_guards import ConnectionGuards, GuardedAppRunner, GuardsCollector
 from gatekeeper.logs import get_logger
 
@@ -85,20 +86,25 @@ async def start_gateway(config: Config, *, extra_plugins: list[Any] | None = Non
     )
     app[GATEWAY].metrics.register(GuardsCollector(guards))
     await runner.setup()
-    if server.unix_socket:
-        site: web.BaseSite = web.UnixSite(runner, server.unix_socket)
-        await site.start()
-        # Connecting needs write permission: open it to the group (a sidecar's app container shares
-        # the pod's fsGroup), not to everyone.
-        os.chmod(server.unix_socket, 0o660)
-        url = f"unix:{server.unix_socket}"
-    else:
-        site = web.TCPSite(runner, host or server.host, server.port if port is None else port,
-                           backlog=4096, ssl_context=tls)
-        await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        bound = sockets[0].getsockname()[1] if sockets else port
-        url = f"{'https' if tls else 'http'}://{host or server.host}:{bound}"
+    host, port = host or server.host, server.port if port is None else port
+    address = f"unix:{server.unix_socket}" if server.unix_socket else f"{host}:{port}"
+    try:
+        if server.unix_socket:
+            site: web.BaseSite = web.UnixSite(runner, server.unix_socket)
+            await site.start()
+            # Connecting needs write permission: open it to the group (a sidecar's app container
+            # shares the pod's fsGroup), not to everyone.
+            os.chmod(server.unix_socket, 0o660)
+            url = address
+        else:
+            site = web.TCPSite(runner, host, port, backlog=4096, ssl_context=tls)
+            await site.start()
+            sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+            bound = sockets[0].getsockname()[1] if sockets else port
+            url = f"{'https' if tls else 'http'}://{host}:{bound}"
+    except OSError as error:
+        await runner.cleanup()  # the plugins have started: their shutdown ends their threads
+        raise ListenError(address, error) from error
     return RunningGateway(runner, app[GATEWAY], url, tls)
 
 

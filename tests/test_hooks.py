@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,29 @@ path = "{tmp_path}/audit/gatekeeper-audit.jsonl"
     [line] = [json.loads(line) for line in output.splitlines() if "could not start" in line]
     assert (line["event"], line["plugin"], line["level"]) == ("gateway could not start", "metering", "error")
     assert line["error"].startswith(("ConnectionRefusedError: ", "OSError: "))
+
+
+@pytest.mark.parametrize("listen", ["port", "unix_socket"])
+def test_gatekeeper_serve_that_cannot_listen_says_so_in_one_line_and_exits_1(tmp_path, listen):
+    """Its port is taken (or its socket's folder is missing): the plugins that started shut down,
+    so the process ends instead of hanging on their threads."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        where = f'unix_socket = "{tmp_path}/missing/gatekeeper.sock"' if listen == "unix_socket" else ""
+        config = tmp_path / "gatekeeper.toml"
+        config.write_text(serve_config(f"http://127.0.0.1:{free_port()}/v1", port, server=where, sections=f'''
+[audit]
+path = "{tmp_path}/audit/gatekeeper-audit.jsonl"
+'''))
+        served = subprocess.run([sys.executable, "-m", "gatekeeper", "serve", "--config", str(config)],
+                                capture_output=True, text=True, timeout=60)
+    output = served.stdout + served.stderr
+    assert served.returncode == 1 and "Traceback" not in output
+    [line] = [json.loads(line) for line in output.splitlines() if "could not start" in line]
+    expected = f"unix:{tmp_path}/missing/gatekeeper.sock" if listen == "unix_socket" else f"127.0.0.1:{port}"
+    assert (line["event"], line["address"], line["level"]) == ("gateway could not start", expected, "error")
 
 
 class AdminByHeader:
