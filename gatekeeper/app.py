@@ -127,8 +127,14 @@ class Gateway:
                 log.debug("shutdown after a failed start", error=repr(error))
 
     async def stop(self, _app: web.Application | None = None) -> None:
+        """Run every `shutdown` hook, each whatever the others did: one plugin's failure must not
+        cost the audit its last records or metering its last rows."""
         self.started = False
-        await self.hooks.call_all("shutdown", gateway=self)
+        for function, argnames in self.hooks.impls("shutdown"):
+            try:
+                await _call_impl(function, argnames, {"gateway": self})
+            except Exception:
+                log.exception("a plugin failed to shut down", plugin=self.hooks.pm.get_name(_owner(function)))
         if self.access_log is not None:
             self.access_log.flush()
 

@@ -71,8 +71,9 @@ def startup(gateway: Gateway) -> None:
 def shutdown(gateway: Gateway) -> None:
     """Flush and close what `startup` opened, after in-flight requests have drained.
 
-    Called once on graceful shutdown (SIGTERM, SIGINT), in hook order. Must not lose data the
-    plugin has accepted (queued usage rows, audit records).
+    Called once on graceful shutdown (SIGTERM, SIGINT), in hook order; every impl runs, even
+    after another raised (that is logged). Must not lose data the plugin has accepted (queued
+    usage rows, audit records).
     """
 
 

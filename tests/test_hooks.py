@@ -9,14 +9,17 @@ import asyncio
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from gateway_processes import free_port, serve_config
 from gatekeeper import hookimpl
@@ -162,6 +165,31 @@ path = "{tmp_path}/audit/gatekeeper-audit.jsonl"
     [line] = [json.loads(line) for line in output.splitlines() if "could not start" in line]
     expected = f"unix:{tmp_path}/missing/gatekeeper.sock" if listen == "unix_socket" else f"127.0.0.1:{port}"
     assert (line["event"], line["address"], line["level"]) == ("gateway could not start", expected, "error")
+
+
+class FailsToShutDown:
+    name = "fails-to-shut-down"
+
+    @hookimpl
+    async def shutdown(self) -> None:
+        raise RuntimeError("a plugin bug at shutdown")
+
+
+async def test_a_plugin_that_fails_to_shut_down_costs_no_other_plugin_its_shutdown(gateway_kit, tmp_path):
+    """Registered last, its shutdown runs first; metering still writes its queued row and the audit
+    its record, and the failure is one log line that names the plugin."""
+    gateway = await gateway_kit.start({"metering": {"flush_interval_ms": 600_000}}, plugins=[FailsToShutDown()])
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0)
+    await client.images.generate(model="gpt-image-1.5", prompt="the last request before a shutdown")
+    await client.close()
+    with capture_logs() as logs:
+        await gateway_kit.stop_all()
+    (failure,) = [entry for entry in logs if entry["event"] == "a plugin failed to shut down"]
+    assert failure["plugin"] == "fails-to-shut-down"
+    with sqlite3.connect(tmp_path / "usage.db") as usage:
+        assert usage.execute("SELECT count(*) FROM gatekeeper_usage").fetchone() == (1,)
+    records = (tmp_path / "audit" / "gatekeeper-audit.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["outcome"] == "ok"
 
 
 class AdminByHeader:
