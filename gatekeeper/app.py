@@ -130,13 +130,22 @@ class Gateway:
         """Run every `shutdown` hook, each whatever the others did: one plugin's failure must not
         cost the audit its last records or metering its last rows."""
         self.started = False
-        for function, argnames in self.hooks.impls("shutdown"):
-            try:
-                await _call_impl(function, argnames, {"gateway": self})
-            except Exception:
-                log.exception("a plugin failed to shut down", plugin=self.hooks.pm.get_name(_owner(function)))
+        await self._call_each("shutdown", {"gateway": self}, "a plugin failed to shut down")
         if self.access_log is not None:
             self.access_log.flush()
+
+    async def reload(self, config: Config) -> None:
+        """Hand a new, valid config to every `reload_config` hook; one that raises keeps its old
+        settings and is logged, and the others still take theirs."""
+        await self._call_each("reload_config", {"gateway": self, "config": config},
+                              "a plugin failed to reload its config")
+
+    async def _call_each(self, hook: str, arguments: dict[str, Any], failure: str) -> None:
+        for function, argnames in self.hooks.impls(hook):
+            try:
+                await _call_impl(function, argnames, arguments)
+            except Exception:
+                log.exception(failure, plugin=self.hooks.pm.get_name(_owner(function)))
 
     def mount_routes(self) -> None:
         for routes in self.hooks.call_sync("register_routes", gateway=self):

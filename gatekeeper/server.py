@@ -139,6 +139,7 @@ async def _serve(config: Config, ready_message: str | None = None) -> None:
     gc.set_threshold(max(gc.get_threshold()[0], YOUNG_GC_THRESHOLD), 10, 10)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads: set[asyncio.Future[None]] = set()
 
     def reload() -> None:
         try:
@@ -157,7 +158,9 @@ async def _serve(config: Config, ready_message: str | None = None) -> None:
             return
         if (running.tls is not None) != bool(fresh.server.tls_cert_file):
             log.warning("turning HTTPS on or off ([server] tls_cert_file) takes effect on restart")
-        asyncio.ensure_future(gateway.hooks.call_all("reload_config", gateway=gateway, config=fresh))
+        reloading = asyncio.ensure_future(gateway.reload(fresh))
+        reloads.add(reloading)  # held until done: the loop keeps only a weak reference to a task
+        reloading.add_done_callback(reloads.discard)
         log.info("config reloaded", path=config.path)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from gateway_processes import free_port, serve_config
 from gatekeeper import hookimpl
 from gatekeeper.app import PRINCIPAL
-from gatekeeper.config import ConfigError
+from gatekeeper.config import ConfigError, parse_config
 from gatekeeper.errors import GatewayError, StartupError
 from gatekeeper.flow import GatewayResponse, Principal
 from gatekeeper.testing.kit import CLIENT_KEY
@@ -190,6 +190,28 @@ async def test_a_plugin_that_fails_to_shut_down_costs_no_other_plugin_its_shutdo
         assert usage.execute("SELECT count(*) FROM gatekeeper_usage").fetchone() == (1,)
     records = (tmp_path / "audit" / "gatekeeper-audit.jsonl").read_text().splitlines()
     assert json.loads(records[-1])["outcome"] == "ok"
+
+
+class FailsToReload:
+    name = "fails-to-reload"
+
+    @hookimpl
+    def reload_config(self) -> None:
+        raise RuntimeError("a plugin bug on reload")
+
+
+async def test_a_plugin_that_fails_to_reload_keeps_no_other_plugin_from_its_new_settings(gateway_kit):
+    gateway = await gateway_kit.start(plugins=[FailsToReload()])
+    fresh_dict = gateway_kit.config_dict()
+    fresh_dict["auth"]["keys"].append({"id": "new-1", "key": "sk-gk-added-on-reload-0001", "tenant": "new"})
+    fresh = parse_config(fresh_dict, path=gateway.gateway.config.path)
+    with capture_logs() as logs:
+        await gateway.gateway.reload(fresh)
+    (failure,) = [entry for entry in logs if entry["event"] == "a plugin failed to reload its config"]
+    assert failure["plugin"] == "fails-to-reload"
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-gk-added-on-reload-0001", max_retries=0)
+    assert (await client.models.list()).data  # auth took the key added on reload
+    await client.close()
 
 
 class AdminByHeader:
