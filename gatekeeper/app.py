@@ -370,17 +370,19 @@ class Gateway:
             flow.outcome = Outcome.OK if (flow.status or 0) < 400 else (
                 Outcome.UPSTREAM_ERROR if flow.upstream_request_id or flow.attempts else Outcome.REJECTED)
         try:
-            await self.hooks.flow_all("exchange_complete", flow)
+            # A plugin that fails here is logged and the rest still run: one plugin's bug must
+            # not cost the request its audit record or its cache entry.
+            await self.hooks.flow_each("exchange_complete", flow, GatewayError, self._complete_failed)
         except GatewayError as error:
             flow.outcome = error.outcome
             await self._end_with_error(flow, error)
             return error
-        except Exception:
-            log.exception("exchange_complete hook failed", request_id=flow.request_id)
-            flow.scratch["_ended"] = True
-            return None
         flow.scratch["_ended"] = True
         return None
+
+    def _complete_failed(self, flow: Flow, function: Callable[..., Any]) -> None:
+        log.exception("exchange_complete hook failed", request_id=flow.request_id,
+                      plugin=self.hooks.pm.get_name(_owner(function)))
 
     async def _relay(self, flow: Flow) -> web.StreamResponse:
         """Send flow.response to the client, through the observers, then end the flow."""

@@ -134,6 +134,21 @@ class Hooks:
             if _awaitable(result):
                 await result
 
+    async def flow_each(self, name: str, flow: Any, passes: type[BaseException],
+                        failed: Callable[[Any, Callable[..., Any]], None]) -> None:
+        """`flow_all` where one impl's failure does not keep the next from running: an exception
+        of type `passes` propagates (and ends the call); any other goes to ``failed(flow, impl)``,
+        called inside its ``except`` block (so it may log the traceback), and the next impl runs."""
+        for index, call in enumerate(self.flow_callers(name)):
+            try:
+                result = call(flow)
+                if _awaitable(result):
+                    await result
+            except passes:
+                raise
+            except Exception:
+                failed(flow, self.impls(name)[index][0])
+
     def has_impls(self, name: str) -> bool:
         return bool(self.impls(name))
 

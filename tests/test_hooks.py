@@ -26,7 +26,7 @@ from gatekeeper import hookimpl
 from gatekeeper.app import PRINCIPAL
 from gatekeeper.config import ConfigError, parse_config
 from gatekeeper.errors import GatewayError, StartupError
-from gatekeeper.flow import GatewayResponse, Principal
+from gatekeeper.flow import Flow, GatewayResponse, Principal
 from gatekeeper.testing.kit import CLIENT_KEY
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -212,6 +212,30 @@ async def test_a_plugin_that_fails_to_reload_keeps_no_other_plugin_from_its_new_
     client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-gk-added-on-reload-0001", max_retries=0)
     assert (await client.models.list()).data  # auth took the key added on reload
     await client.close()
+
+
+class FailsToComplete:
+    name = "fails-to-complete"
+
+    @hookimpl
+    def exchange_complete(self, flow: Flow) -> None:
+        raise RuntimeError("a plugin bug at the end of a request")
+
+
+async def test_a_plugin_that_fails_at_exchange_complete_costs_the_request_neither_its_record_nor_its_entry(
+        gateway_kit, tmp_path):
+    gateway = await gateway_kit.start(plugins=[FailsToComplete()])
+    client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0)
+    with capture_logs() as logs:
+        first = await client.images.with_raw_response.generate(model="gpt-image-1.5", prompt="a fox")
+        again = await client.images.with_raw_response.generate(model="gpt-image-1.5", prompt="a fox")
+    await client.close()
+    assert (first.headers["x-gatekeeper-cache"], again.headers["x-gatekeeper-cache"]) == ("MISS", "HIT")
+    failures = [entry for entry in logs if entry["event"] == "exchange_complete hook failed"]
+    assert [entry["plugin"] for entry in failures] == ["fails-to-complete"] * 2
+    records = [json.loads(line) for line in (tmp_path / "audit" / "gatekeeper-audit.jsonl").read_text().splitlines()]
+    assert [(r["request_id"], r["outcome"]) for r in records if r["type"] == "request"] == [
+        (first.headers["x-gatekeeper-request-id"], "ok"), (again.headers["x-gatekeeper-request-id"], "cache_hit")]
 
 
 class AdminByHeader:
