@@ -144,7 +144,7 @@ class Plugin:
     @hookimpl
     async def startup(self, gateway: Any) -> None:
         await self.store.open(create=True)
-        self.metrics = MeteringMetrics(gateway.metrics, gateway)
+        self.metrics = MeteringMetrics(gateway.metrics, gateway, self.ledger)
         metrics = self.metrics
         self.writer = BatchWriter(
             self.store, batch_rows=self.settings.batch_rows, flush_interval_s=self.settings.flush_interval_ms / 1000,
@@ -208,7 +208,7 @@ class Plugin:
 
     @hookimpl
     def register_routes(self) -> list[web.RouteDef]:
-        return [web.get("/admin/usage", self.usage_route)]
+        return [web.get("/admin/usage", self.usage_route), web.get("/admin/budgets", self.budgets_route)]
 
     async def usage_route(self, request: web.Request) -> web.Response:
         """``GET /admin/usage?since=&until=&group_by=&format=``: the report ``gatekeeper usage`` prints."""
@@ -227,6 +227,16 @@ class Plugin:
         if fmt == "json":
             return web.Response(body=msgspec.json.encode(rows), content_type="application/json")
         return web.Response(text=render(query, rows, fmt), content_type="text/csv" if fmt == "csv" else "text/plain")
+
+    async def budgets_route(self, _request: web.Request) -> web.Response:
+        """``GET /admin/budgets``: where each budget stands this month, money as exact strings."""
+        if self.ledger and self.writer is not None:
+            await self.ledger.refresh(self.store, self.writer)  # the other replicas' spend, as of now
+        return web.Response(body=msgspec.json.encode([{
+            "scope": status.scope, "name": status.name, "month": status.month,
+            "budget_usd": format_usd(status.budget_micros), "spent_usd": format_usd(status.spent_micros),
+            "reserved_usd": format_usd(status.reserved_micros), "remaining_usd": format_usd(status.remaining_micros),
+        } for status in self.ledger.statuses()]), content_type="application/json")
 
     # ------------------------------------------------------------ request stages
 

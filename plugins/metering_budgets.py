@@ -23,7 +23,7 @@ from gatekeeper_plugins.metering_store import UsageStore
 from gatekeeper_plugins.metering_usage import IMAGE_ROUTES, RequestFacts
 from gatekeeper_plugins.metering_writer import BatchWriter
 
-__all__ = ["Budget", "BudgetLedger", "OverBudget", "Reservation", "estimate_micros", "month_start"]
+__all__ = ["Budget", "BudgetLedger", "BudgetStatus", "OverBudget", "Reservation", "estimate_micros", "month_start"]
 
 _Scope = tuple[str, str]  # ("tenant", name) or ("key", key_id)
 
@@ -87,6 +87,21 @@ class OverBudget(Exception):
         self.estimate = estimate
 
 
+class BudgetStatus(msgspec.Struct, frozen=True):
+    """Where one budget stands this month, as this replica knows it (micro-dollars)."""
+
+    scope: str  # "tenant" or "key"
+    name: str  # the tenant, or the [[auth.keys]] id
+    month: str  # "2026-11": UTC calendar month
+    budget_micros: int
+    spent_micros: int  # recorded costs: the database's at the last refresh plus this replica's since
+    reserved_micros: int  # estimates held by this replica's requests in flight
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(self.budget_micros - self.spent_micros - self.reserved_micros, 0)
+
+
 @dataclass(slots=True)
 class Reservation:
     scopes: tuple[_Scope, ...]
@@ -135,6 +150,12 @@ class BudgetLedger:
             self.base.clear()
             self.local.clear()
         self._month_ends = _next_month_start(now)
+
+    def statuses(self, now: datetime | None = None) -> list[BudgetStatus]:
+        """Every budget's month so far, tenants then keys, by name."""
+        self._roll_month(now)
+        return [BudgetStatus(kind, name, self.month, limit, self.spent((kind, name)), self.reserved.get((kind, name), 0))
+                for (kind, name), limit in sorted(self.limits.items())]
 
     def reserve(self, principal: Principal | None, estimate: int, now: datetime | None = None) -> Reservation | None:
         """Hold `estimate` against every budget of `principal`, or raise `OverBudget`.

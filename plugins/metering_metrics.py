@@ -20,13 +20,14 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from gatekeeper.app import Gateway
+    from gatekeeper_plugins.metering_budgets import BudgetLedger
 
 __all__ = ["MeteringMetrics", "PlainHistogram", "RequestSeries"]
 
@@ -93,6 +94,30 @@ class _RequestCollector(Collector):
         yield from (requests, tokens, cost, saved)
 
 
+class _BudgetCollector(Collector):
+    """Each budget's amount, spend and reservations this month, read from the ledger at scrape time
+    (this replica's view: other replicas' spend as of the last refresh), for alerts such as
+    ``gatekeeper_budget_spent_usd / gatekeeper_budget_usd > 0.8``."""
+
+    def __init__(self, ledger: BudgetLedger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["scope", "name"]
+        amount = GaugeMetricFamily("gatekeeper_budget_usd", "Each monthly budget, in USD.", labels=labels)
+        spent = GaugeMetricFamily("gatekeeper_budget_spent_usd", "Spent against each budget this UTC month, in USD.",
+                                  labels=labels)
+        reserved = GaugeMetricFamily("gatekeeper_budget_reserved_usd",
+                                     "Held against each budget by this replica's requests in flight, in USD.",
+                                     labels=labels)
+        for status in self.ledger.statuses():
+            values = [status.scope, status.name]
+            amount.add_metric(values, status.budget_micros / 1e6)
+            spent.add_metric(values, status.spent_micros / 1e6)
+            reserved.add_metric(values, status.reserved_micros / 1e6)
+        yield from (amount, spent, reserved)
+
+
 class _Buckets:
     __slots__ = ("counts", "total", "created")
 
@@ -130,10 +155,13 @@ class PlainHistogram(Collector):
 class MeteringMetrics:
     """The metering plugin's collectors, one set per gateway."""
 
-    def __init__(self, registry: CollectorRegistry, gateway: Gateway | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, gateway: Gateway | None = None,
+                 ledger: BudgetLedger | None = None) -> None:
         self._series: dict[tuple[str, str, int, str | None], RequestSeries] = {}
         self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         registry.register(_RequestCollector(self._series))
+        if ledger is not None:
+            registry.register(_BudgetCollector(ledger))
         self.unpriced = Counter(
             "gatekeeper_unpriced_requests", "Requests whose model has no price: tokens recorded, cost unknown.",
             ["model"], registry=registry)

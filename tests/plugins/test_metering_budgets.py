@@ -10,11 +10,13 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
+import aiohttp
 import msgspec
 import openai
 import pytest
 
 from metering_support import (  # noqa: F401
+    ADMIN_KEY,
     DESIGN_KEY,
     INTERN_KEY,
     ReplayCache,
@@ -125,6 +127,41 @@ async def test_a_cache_hit_is_served_on_a_spent_budget(usage_db, gateway_kit, fa
         response = await client.images.generate(model="gpt-image-1.5", prompt=PROMPT, quality="low", size="1024x1024")
     assert response.data[0].b64_json == "iVBORw0KGgo="
     assert fake_upstream.count() == 0
+
+
+async def test_admin_budgets_shows_each_budget_with_every_replicas_spend_as_exact_strings(usage_db, gateway_kit):
+    await seed_usage(usage_db, tenant="design", key_id="key-other-replica", cost_micros=250_000)
+    gateway = await gateway_kit.start(gateway_config(
+        usage_db, budgets={"design": {"monthly_usd": 1}}, key_budgets={"key-intern": {"monthly_usd": 0.5}}))
+    async with sdk(gateway) as client:
+        await generate(client)
+    await seed_usage(usage_db, tenant="design", key_id="key-other-replica", cost_micros=100_000)  # after start
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/admin/budgets", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+            assert r.status == 200
+            statuses = await r.json()
+        async with session.get(gateway.url + "/admin/budgets", headers={"Authorization": f"Bearer {DESIGN_KEY}"}) as r:
+            assert r.status == 403  # a client key, not an admin key
+    month = datetime.now(UTC).strftime("%Y-%m")
+    spent = 250_000 + COST + 100_000
+    assert statuses == [
+        {"scope": "key", "name": "key-intern", "month": month, "budget_usd": "0.500000", "spent_usd": "0.000000",
+         "reserved_usd": "0.000000", "remaining_usd": "0.500000"},
+        {"scope": "tenant", "name": "design", "month": month, "budget_usd": "1.000000",
+         "spent_usd": f"0.{spent:06d}", "reserved_usd": "0.000000", "remaining_usd": f"0.{1_000_000 - spent:06d}"},
+    ]
+
+
+async def test_metrics_export_each_budget_and_its_spend_for_alerts(usage_db, gateway_kit):
+    gateway = await gateway_kit.start(gateway_config(usage_db, budgets={"design": {"monthly_usd": 2.5}}))
+    async with sdk(gateway) as client:
+        await generate(client)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/metrics") as r:
+            exposition = await r.text()
+    assert 'gatekeeper_budget_usd{name="design",scope="tenant"} 2.5' in exposition
+    assert f'gatekeeper_budget_spent_usd{{name="design",scope="tenant"}} {COST / 1e6}' in exposition
+    assert 'gatekeeper_budget_reserved_usd{name="design",scope="tenant"} 0.0' in exposition
 
 
 def test_a_new_month_starts_from_zero_spend():
