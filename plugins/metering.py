@@ -32,7 +32,15 @@ from gatekeeper_plugins.metering_budgets import BudgetLedger, OverBudget, Reserv
 from gatekeeper_plugins.metering_config import MeteringConfig, load_settings, store_from_settings
 from gatekeeper_plugins.metering_metrics import MeteringMetrics
 from gatekeeper_plugins.metering_prices import PriceBook, Tokens, format_usd, micros_to_usd, round_micros
-from gatekeeper_plugins.metering_report import add_usage_command, parse_query, render, run_report
+from gatekeeper_plugins.metering_report import (
+    add_budgets_command,
+    add_usage_command,
+    budget_records,
+    parse_query,
+    render,
+    render_budgets,
+    run_report,
+)
 from gatekeeper_plugins.metering_store import UsageRow, UsageStore
 from gatekeeper_plugins.metering_usage import (
     IMAGE_ROUTES,
@@ -232,11 +240,8 @@ class Plugin:
         """``GET /admin/budgets``: where each budget stands this month, money as exact strings."""
         if self.ledger and self.writer is not None:
             await self.ledger.refresh(self.store, self.writer)  # the other replicas' spend, as of now
-        return web.Response(body=msgspec.json.encode([{
-            "scope": status.scope, "name": status.name, "month": status.month,
-            "budget_usd": format_usd(status.budget_micros), "spent_usd": format_usd(status.spent_micros),
-            "reserved_usd": format_usd(status.reserved_micros), "remaining_usd": format_usd(status.remaining_micros),
-        } for status in self.ledger.statuses()]), content_type="application/json")
+        return web.Response(body=msgspec.json.encode(budget_records(self.ledger.statuses())),
+                            content_type="application/json")
 
     # ------------------------------------------------------------ request stages
 
@@ -540,6 +545,7 @@ class Plugin:
 @hookimpl
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     add_usage_command(subparsers, cmd_usage)
+    add_budgets_command(subparsers, cmd_budgets)
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -561,4 +567,25 @@ def cmd_usage(args: argparse.Namespace) -> int:
             await store.close()
 
     sys.stdout.write(render(query, asyncio.run(report()), args.format))
+    return 0
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    """Print where each budget stands this month, from the database ``[metering]`` names."""
+    config = load_config(args.config)
+    settings = load_settings(config)
+
+    async def statuses() -> list[dict[str, str]]:
+        ledger = BudgetLedger(settings.budgets, settings.key_budgets)
+        if not ledger:
+            return []
+        store = store_from_settings(config, settings)
+        await store.open(create=False)
+        try:
+            await ledger.refresh(store, None)
+        finally:
+            await store.close()
+        return budget_records(ledger.statuses())
+
+    sys.stdout.write(render_budgets(asyncio.run(statuses()), args.format))
     return 0

@@ -9,6 +9,7 @@ replica has recorded since; months are UTC calendar months.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -190,17 +191,18 @@ class BudgetLedger:
             if scope in self.limits:
                 self.local[scope] += cost_micros  # type: ignore[index]
 
-    async def refresh(self, store: UsageStore, writer: BatchWriter, now: datetime | None = None) -> None:
+    async def refresh(self, store: UsageStore, writer: BatchWriter | None, now: datetime | None = None) -> None:
         """Reload month-to-date spend from the database (every replica's flushed rows).
 
         Done under the writer's lock, so each of this replica's rows is counted exactly once:
-        either it is in the database already, or it is still queued.
+        either it is in the database already, or it is still queued. Without a writer (the
+        ``gatekeeper budgets`` command) the database's rows are all there is.
         """
         now = now or datetime.now(UTC)
         start = month_start(now)
         wanted_tenants = {name for kind, name in self.limits if kind == "tenant"}
         wanted_keys = {name for kind, name in self.limits if kind == "key"}
-        async with writer.lock:
+        async with writer.lock if writer is not None else contextlib.nullcontext():
             tenants = await store.spent_since(start, "tenant") if wanted_tenants else {}
             keys = await store.spent_since(start, "key_id") if wanted_keys else {}
             base: dict[_Scope, int] = defaultdict(int)
@@ -208,7 +210,7 @@ class BudgetLedger:
             base.update({("key", name): total for name, total in keys.items() if name in wanted_keys})
             local: dict[_Scope, int] = defaultdict(int)
             start_s = start.timestamp()
-            for row in writer.queue:
+            for row in writer.queue if writer is not None else ():
                 if row.cost_micros and row.time >= start_s:
                     for scope in (("tenant", row.tenant), ("key", row.key_id)):
                         if scope in self.limits:

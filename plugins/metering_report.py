@@ -12,17 +12,19 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 
+from gatekeeper_plugins.metering_budgets import BudgetStatus
 from gatekeeper_plugins.metering_prices import format_usd
 from gatekeeper_plugins.metering_store import GROUPS, LABEL_NAME, ReportQuery, ReportRow, UsageStore
 
-__all__ = ["FORMATS", "METRICS", "add_usage_command", "parse_query", "records", "render", "run_report"]
+__all__ = ["BUDGET_COLUMNS", "FORMATS", "METRICS", "add_budgets_command", "add_usage_command", "budget_records",
+           "parse_query", "records", "render", "render_budgets", "run_report"]
 
 FORMATS = ("table", "json", "csv")
 METRICS = ("requests", "cache_hits", "input_tokens", "output_tokens", "cost_usd", "saved_usd",
@@ -106,36 +108,77 @@ def _totals(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
 def render(query: ReportQuery, rows: list[dict[str, Any]], fmt: str) -> str:
     """`rows` as ``json``, ``csv`` or an aligned ``table`` (with a TOTAL line)."""
     names = columns(query)
-    if fmt == "json":
-        return msgspec.json.format(msgspec.json.encode(rows), indent=2).decode() + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-        return buffer.getvalue()
+    if fmt in ("json", "csv"):
+        return _data(rows, names, fmt)
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}")
     lines = [names] + [["-" if row[name] is None else str(row[name]) for name in names] for row in rows]
-    if rows:
-        totals = _totals(rows)
-        group_count = len(names) - len(METRICS)
-        lines.append(["TOTAL"] + [""] * (group_count - 1) + [str(totals[name]) for name in METRICS])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(names))]
-    numeric = {i for i, name in enumerate(names) if name in METRICS}
+    if not rows:
+        return _table(lines, set(METRICS)) + "(no usage in this period)\n"
+    totals = _totals(rows)
+    group_count = len(names) - len(METRICS)
+    total = ["TOTAL"] + [""] * (group_count - 1) + [str(totals[name]) for name in METRICS]
+    return _table(lines, set(METRICS), total)
+
+
+def _data(rows: list[dict[str, Any]], names: Sequence[str], fmt: str) -> str:
+    """`rows` as indented JSON, or as CSV with `names` for a header (None as an empty cell)."""
+    if fmt == "json":
+        return msgspec.json.format(msgspec.json.encode(rows), indent=2).decode() + "\n"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def _table(lines: list[list[str]], numeric_names: set[str], total: list[str] | None = None) -> str:
+    """Aligned columns, numbers to the right; `lines[0]` names them; `total` under a rule."""
+    widths = [max(len(line[i]) for line in [*lines, *([total] if total else [])]) for i in range(len(lines[0]))]
+    numeric = {i for i, name in enumerate(lines[0]) if name in numeric_names}
 
     def line_text(cells: list[str]) -> str:
         return "  ".join(cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])
                          for i, cell in enumerate(cells)).rstrip()
 
-    text = [line_text(lines[0])]
-    text += [line_text(cells) for cells in lines[1: len(rows) + 1]]
-    if rows:
+    text = [line_text(cells) for cells in lines]
+    if total is not None:
         text.append("  ".join("-" * width for width in widths))
-        text.append(line_text(lines[-1]))
-    else:
-        text.append("(no usage in this period)")
+        text.append(line_text(total))
     return "\n".join(text) + "\n"
+
+
+BUDGET_COLUMNS = ("scope", "name", "month", "budget_usd", "spent_usd", "reserved_usd", "remaining_usd")
+
+
+def budget_records(statuses: list[BudgetStatus]) -> list[dict[str, str]]:
+    """What ``GET /admin/budgets`` and ``gatekeeper budgets`` print: money as exact strings."""
+    return [{"scope": status.scope, "name": status.name, "month": status.month,
+             "budget_usd": format_usd(status.budget_micros), "spent_usd": format_usd(status.spent_micros),
+             "reserved_usd": format_usd(status.reserved_micros), "remaining_usd": format_usd(status.remaining_micros)}
+            for status in statuses]
+
+
+def render_budgets(records: list[dict[str, str]], fmt: str) -> str:
+    """`budget_records` as ``json``, ``csv`` or an aligned ``table``."""
+    if fmt in ("json", "csv"):
+        return _data(records, BUDGET_COLUMNS, fmt)
+    if not records:
+        return "(no budgets in [metering.budgets] or [metering.key_budgets])\n"
+    lines = [list(BUDGET_COLUMNS)] + [[record[name] for name in BUDGET_COLUMNS] for record in records]
+    return _table(lines, {name for name in BUDGET_COLUMNS if name.endswith("_usd")})
+
+
+def add_budgets_command(subparsers: argparse._SubParsersAction, run: Any) -> None:
+    from gatekeeper.cli import add_config_argument
+
+    parser = subparsers.add_parser(
+        "budgets", help="print where each monthly budget stands: spent, reserved, remaining",
+        description="Month-to-date spend against each budget of [metering.budgets] and [metering.key_budgets], "
+                    "from the [metering] database (every replica's written rows). Money is exact USD.")
+    add_config_argument(parser)
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    parser.set_defaults(func=run)
 
 
 def add_usage_command(subparsers: argparse._SubParsersAction, run: Any) -> None:

@@ -7,8 +7,14 @@ A gpt-image-1.5 low 1024x1024 request for PROMPT (21 bytes, 6 words) is estimate
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -150,6 +156,37 @@ async def test_admin_budgets_shows_each_budget_with_every_replicas_spend_as_exac
         {"scope": "tenant", "name": "design", "month": month, "budget_usd": "1.000000",
          "spent_usd": f"0.{spent:06d}", "reserved_usd": "0.000000", "remaining_usd": f"0.{1_000_000 - spent:06d}"},
     ]
+
+
+def budgets_cli(tmp_path: Path, storage: dict, *args: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "budgets.toml"
+    config.write_text(f'[metering]\ndatabase = "{storage["database"]}"\ntable = "{storage["table"]}"\n'
+                      '[metering.budgets]\ndesign = { monthly_usd = 1 }\nprint = { monthly_usd = 25.5 }\n')
+    return subprocess.run([sys.executable, "-m", "gatekeeper", "budgets", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_the_budgets_command_prints_what_the_admin_route_answers_in_every_format(usage_db, tmp_path):
+    last_month = (datetime.now(UTC).replace(day=1) - timedelta(days=1)).timestamp()
+    await seed_usage(usage_db, tenant="design", key_id="key-a", cost_micros=400_000)
+    await seed_usage(usage_db, tenant="design", key_id="key-b", cost_micros=8_734)
+    await seed_usage(usage_db, tenant="design", key_id="key-a", cost_micros=900_000, when=last_month)
+    await seed_usage(usage_db, tenant="other", key_id="key-c", cost_micros=123)
+    as_json = await asyncio.to_thread(budgets_cli, tmp_path, usage_db, "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    month = datetime.now(UTC).strftime("%Y-%m")
+    expected = [
+        {"scope": "tenant", "name": "design", "month": month, "budget_usd": "1.000000", "spent_usd": "0.408734",
+         "reserved_usd": "0.000000", "remaining_usd": "0.591266"},
+        {"scope": "tenant", "name": "print", "month": month, "budget_usd": "25.500000", "spent_usd": "0.000000",
+         "reserved_usd": "0.000000", "remaining_usd": "25.500000"},
+    ]
+    assert json.loads(as_json.stdout) == expected
+    as_csv = await asyncio.to_thread(budgets_cli, tmp_path, usage_db, "--format", "csv")
+    assert list(csv.DictReader(io.StringIO(as_csv.stdout))) == expected
+    table = (await asyncio.to_thread(budgets_cli, tmp_path, usage_db)).stdout.splitlines()
+    assert table[0].split() == ["scope", "name", "month", "budget_usd", "spent_usd", "reserved_usd", "remaining_usd"]
+    assert table[1].split() == ["tenant", "design", month, "1.000000", "0.408734", "0.000000", "0.591266"]
 
 
 async def test_metrics_export_each_budget_and_its_spend_for_alerts(usage_db, gateway_kit):
