@@ -136,7 +136,6 @@ class GuardedRequestHandler(RequestHandler):
         log.debug("disconnecting a client that stopped reading", peer=self.peername)
         transport.abort()  # close() would wait for a buffer this client never drains
 
-
     def log_exception(self, *args: Any, **kw: Any) -> None:
         # A body that broke (bad chunking, a gzip that won't inflate) was refused by the pipeline;
         # aiohttp, draining the rest of it before reusing the connection, meets the same error

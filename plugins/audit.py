@@ -427,7 +427,9 @@ def _returns_images(flow: Flow) -> bool:
 
 
 def _analyze(route: str, body: bytes, event_stream: bool) -> ImageFacts:
-    return analyze_responses_body(body, event_stream) if route == "responses" else analyze_images_body(body, event_stream)
+    if route == "responses":
+        return analyze_responses_body(body, event_stream)
+    return analyze_images_body(body, event_stream)
 
 
 def _pass_on(written: concurrent.futures.Future[int], answer: asyncio.Future[int]) -> None:

@@ -173,8 +173,9 @@ def analyze_responses_body(body: bytes, event_stream: bool) -> ImageFacts:
                 if _IMAGE_CALL not in data or b"response.output_item.done" not in data:
                     continue
                 event = _decode_response_event(data)
-                if event.type == "response.output_item.done" and event.item and event.item.type == "image_generation_call":
-                    results.append(event.item.result)
+                item = event.item
+                if event.type == "response.output_item.done" and item and item.type == "image_generation_call":
+                    results.append(item.result)
     except MALFORMED_JSON:
         return ImageFacts([], [])
     images = [image for result in results if result and (image := b64decode(result)) is not None]

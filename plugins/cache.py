@@ -486,8 +486,9 @@ class Plugin:
         if upstream_forbids_store(headers):
             return None
         if not worth_keeping(headers, body):
-            log.warning("not caching a 200 that is no answer: an HTML page, or JSON that is not one object", request_id=flow.request_id,
-                        route=flow.route, content_type=headers.get("content-type"), bytes=len(body))
+            log.warning("not caching a 200 that is no answer: an HTML page, or JSON that is not one object",
+                        request_id=flow.request_id, route=flow.route, content_type=headers.get("content-type"),
+                        bytes=len(body))
             return None
         normalized = flow.scratch.get("normalize")
         model = normalized.get("model") if isinstance(normalized, dict) else None

@@ -153,10 +153,13 @@ class BudgetLedger:
         self._month_ends = _next_month_start(now)
 
     def statuses(self, now: datetime | None = None) -> list[BudgetStatus]:
-        """Every budget's month so far, tenants then keys, by name."""
+        """Every budget's month so far: keys, then tenants, each by name."""
         self._roll_month(now)
-        return [BudgetStatus(kind, name, self.month, limit, self.spent((kind, name)), self.reserved.get((kind, name), 0))
-                for (kind, name), limit in sorted(self.limits.items())]
+        statuses = []
+        for scope, limit in sorted(self.limits.items()):
+            kind, name = scope
+            statuses.append(BudgetStatus(kind, name, self.month, limit, self.spent(scope), self.reserved.get(scope, 0)))
+        return statuses
 
     def reserve(self, principal: Principal | None, estimate: int, now: datetime | None = None) -> Reservation | None:
         """Hold `estimate` against every budget of `principal`, or raise `OverBudget`.
