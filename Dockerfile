@@ -5,11 +5,13 @@
 # /etc/gatekeeper/config.toml, reads them) or from your own file mounted over it.
 # See docs/deployment.md.
 FROM python:3.11-slim AS build
+# Optional extras to bake in: --build-arg EXTRAS=uvloop,tracing adds the tracing plugin's OpenTelemetry.
+ARG EXTRAS=uvloop
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY gatekeeper ./gatekeeper
 COPY plugins ./plugins
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[uvloop]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[${EXTRAS}]"
 
 FROM python:3.11-slim
 # A fixed numeric uid/gid: Kubernetes' runAsNonRoot can check it, and fsGroup 10001 gives a
