@@ -5,7 +5,9 @@ traceparent, with the tenant, model, cache status, tokens and cost the other plu
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -13,8 +15,10 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from gatekeeper.config import ConfigError
-from gatekeeper.testing.kit import CLIENT_KEY
+from gatekeeper.config import ConfigError, load_config
+from gatekeeper.plugins import build_hooks
+from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
+from gatekeeper_plugins.tracing import TracingConfig
 
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
@@ -130,3 +134,18 @@ async def test_without_opentelemetry_installed_the_plugin_refuses_to_load_and_sa
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if the package were missing
     with pytest.raises(ConfigError, match=r"pip install 'gatekeeper\[tracing\]'"):
         await gateway_kit.start(tracing("http://127.0.0.1:9/v1/traces"))
+
+
+def test_the_commented_tracing_section_in_config_toml_is_valid_once_uncommented(tmp_path):
+    shipped = (Path(__file__).resolve().parents[2] / "config.toml").read_text()
+    section = shipped[shipped.index("\n# [tracing]\n") + 1:]
+    uncommented = re.sub(r"(?m)^# (?=\[tracing\]|[a-z_]+ = )", "", section)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'[upstream]\napi_key = "{UPSTREAM_KEY}"\n[plugins]\nmodules = ["gatekeeper_plugins.tracing"]\n'
+                           + uncommented)
+    config = load_config(config_file, environ={"OTEL_COLLECTOR_TOKEN": "collector-token"})
+    (tracing_plugin,) = [p.instance for p in build_hooks(config).loaded if p.name == "tracing"]
+    assert tracing_plugin.settings == TracingConfig(
+        endpoint="http://otel-collector:4318/v1/traces", headers={"authorization": "Bearer collector-token"},
+        service_name="gatekeeper", sample_ratio=1.0, export_timeout_s=10)
+    tracing_plugin.provider.shutdown()  # it was built, never started: stop its export thread
