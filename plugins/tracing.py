@@ -28,8 +28,6 @@ __all__ = ["Plugin", "TracingConfig"]
 
 log = get_logger("gatekeeper.tracing")
 
-_FAILED_OUTCOMES = frozenset({Outcome.UPSTREAM_ERROR, Outcome.TRUNCATED})
-
 
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The collector's traces URL ("http://otel-collector:4318/v1/traces"); empty: the SDK reads
@@ -107,7 +105,9 @@ class Plugin:
             parent = self._propagator.extract(flow.headers)
             span = self.tracer.start_span(f"{flow.method} {route}", context=parent, kind=self._server,
                                           start_time=int(flow.time_start * 1e9), attributes=_attributes(flow, route))
-            if (flow.status or 0) >= 500 or flow.outcome in _FAILED_OUTCOMES:
+            # As OpenTelemetry's HTTP conventions have it for a server: a 5xx is an error, a 4xx
+            # (the client's, even when the upstream said it) is not; a stream the upstream cut is.
+            if (flow.status or 0) >= 500 or flow.outcome == Outcome.TRUNCATED:
                 span.set_status(self._error)
             span.end(end_time=int((flow.time_end or flow.time_start) * 1e9))
         except Exception:  # a span is never worth an error on the loop

@@ -93,23 +93,26 @@ async def test_a_miss_and_a_hit_become_two_server_spans_under_the_clients_trace(
     assert hit["attributes"]["gatekeeper.saved_usd"] == miss["attributes"]["gatekeeper.cost_usd"]
 
 
-async def test_a_failed_request_is_an_error_span_and_a_refused_one_is_not(gateway_kit, fake_upstream, collector):
+async def test_a_5xx_is_an_error_span_and_a_4xx_is_not_whoever_refused(gateway_kit, fake_upstream, collector):
     receiver, endpoint = collector
     gateway = await gateway_kit.start(tracing(endpoint))
     fake_upstream.inject(path="/v1/images/generations", status=500)
     client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0)
     with pytest.raises(openai.InternalServerError):
         await client.images.generate(model="gpt-image-1.5", prompt="a failing fox")
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.BadRequestError):  # the upstream refuses it
+        await client.images.generate(model="gpt-image-1.5", prompt="a fox", size="999x999")
+    with pytest.raises(openai.AuthenticationError):  # the gateway refuses it
         await openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-wrong", max_retries=0).models.list()
     await client.close()
     await gateway_kit.stop_all()
-    failed, refused = receiver.spans
+    failed, upstream_refused, refused = receiver.spans
     assert (failed["status"], failed["attributes"]["gatekeeper.outcome"]) == (2, "upstream_error")  # ERROR
+    assert (upstream_refused["status"], upstream_refused["attributes"]["http.response.status_code"]) == (0, 400)
     assert (refused["name"], refused["status"], refused["attributes"]["http.response.status_code"]) == (
         "GET /v1/models", 0, 401)
     assert "gatekeeper.tenant" not in refused["attributes"]
-    assert len({span["trace_id"] for span in receiver.spans}) == 2  # no client trace: each request its own
+    assert len({span["trace_id"] for span in receiver.spans}) == 3  # no client trace: each request its own
 
 
 async def test_sample_ratio_zero_exports_nothing_but_a_sampled_parent_is_still_followed(gateway_kit, collector):
