@@ -249,6 +249,11 @@ class Gateway:
                                    headers={"retry-after": "1"})
         elif request.content_length is not None and request.content_length > self._max_body:
             refusal = self._too_large()
+        elif request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            # Forwarded as plain HTTP (Upgrade is hop-by-hop), it would fail upstream in some
+            # other way: say plainly that no WebSocket (the Realtime API) is relayed.
+            refusal = GatewayError(501, "This gateway does not relay WebSocket connections, so the Realtime API is "
+                                   "not available through it.", code="websocket_unsupported")
         if refusal is not None:
             # Refused before the body is read, yet still a flow: audit and metrics see every refusal.
             return await self._refuse(Flow(request, request_id, path, b""), refusal)

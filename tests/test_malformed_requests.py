@@ -221,3 +221,12 @@ async def test_an_upstream_answer_that_is_not_utf8_or_nests_too_deep_is_relayed_
         await asyncio.sleep(0.05)  # metering, audit and the cache finish after the answer
     assert (status, body) == (200, answer)
     assert [entry for entry in logs if entry["log_level"] == "error"] == []  # no stage failed on it
+
+
+async def test_a_websocket_upgrade_is_refused_plainly_and_never_forwarded(gateway, fake_upstream):
+    head = (f"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: x\r\n{AUTH}Connection: Upgrade\r\n"
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    status, headers, body = await exchange(gateway.url, head)
+    error = assert_openai_error(status, headers, body, 501, "websocket_unsupported")
+    assert "Realtime API" in error["message"]
+    assert fake_upstream.count() == 0
