@@ -90,6 +90,9 @@ async def test_a_miss_and_a_hit_become_two_server_spans_under_the_clients_trace(
     assert miss["attributes"]["gen_ai.usage.output_tokens"] > 0
     assert "gen_ai.usage.output_tokens" not in hit["attributes"]  # a hit used no tokens upstream
     assert miss["attributes"]["gatekeeper.cost_usd"] > 0 and "gatekeeper.upstream_request_id" in miss["attributes"]
+    assert miss["attributes"]["gatekeeper.upstream"] == "default"
+    assert 0 < miss["attributes"]["gatekeeper.upstream_latency_s"] < miss["duration_ns"] / 1e9
+    assert "gatekeeper.upstream_latency_s" not in hit["attributes"]
     assert hit["attributes"]["gatekeeper.saved_usd"] == miss["attributes"]["gatekeeper.cost_usd"]
 
 
