@@ -184,6 +184,12 @@ class Flow:
                 self._json = None
         return self._json
 
+    @property
+    def ended(self) -> bool:
+        """Whether the flow's one end has come: every `exchange_complete` impl has run, or
+        `exchange_error` has begun. A plugin that reports how a flow ended waits for it."""
+        return bool(self.scratch.get("_ended"))
+
     def replace_json(self, document: Any) -> None:
         """Rewrite a JSON request: `body` becomes `document` encoded, and `json` is `document` itself.
 

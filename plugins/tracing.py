@@ -21,12 +21,18 @@ import msgspec
 
 from gatekeeper import hookimpl
 from gatekeeper.config import Config, ConfigError
+from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome
 from gatekeeper.logs import get_logger, register_secret
 
 __all__ = ["Plugin", "TracingConfig"]
 
 log = get_logger("gatekeeper.tracing")
+
+# A flow not ended yet is looked at again every 10 ms; one that never ends (a bug elsewhere) still
+# gets its span, as it stands, after a minute.
+_WAIT_S = 0.01
+_MAX_WAITS = 6_000
 
 
 class TracingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -79,6 +85,7 @@ class Plugin:
         self._propagator = TraceContextTextMapPropagator()
         self._server = SpanKind.SERVER
         self._error = Status(StatusCode.ERROR)
+        self._waiting: dict[Flow, asyncio.Handle] = {}  # flows whose span is not built yet
 
     def describe(self) -> str:
         where = self.settings.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
@@ -86,17 +93,39 @@ class Plugin:
 
     @hookimpl
     async def shutdown(self) -> None:
-        # Exports what the batch processor still holds; blocking, so off the event loop.
+        # Requests have drained, so every flow still waiting for its span has ended: record them
+        # now, then export what the batch processor holds (blocking, so off the event loop).
+        for flow, waiting in list(self._waiting.items()):
+            waiting.cancel()
+            self.record(flow)
+        self._waiting.clear()
         await asyncio.to_thread(self.provider.shutdown)
 
     @hookimpl
     def exchange_complete(self, flow: Flow) -> None:
         """Build the request's span on a later loop turn: the response does not wait for it."""
-        asyncio.get_running_loop().call_soon(self.record, flow)
+        self._record_when_ended(flow)
 
     @hookimpl
     def exchange_error(self, flow: Flow) -> None:
-        asyncio.get_running_loop().call_soon(self.record, flow)
+        self._record_when_ended(flow)
+
+    def _record_when_ended(self, flow: Flow, waits: int = 0) -> None:
+        """`record` once `flow.ended`: the plugins after this one in `exchange_complete` may still
+        wait (the audit's disk write) and may still fail the flow. Looked at again every 10 ms,
+        not on every loop turn; once per flow (a failed exchange_complete is followed by
+        exchange_error)."""
+        loop = asyncio.get_running_loop()
+        if not waits:
+            if self.name in flow.scratch:
+                return
+            flow.scratch[self.name] = True
+            self._waiting[flow] = loop.call_soon(self._record_when_ended, flow, 1)
+        elif not flow.ended and waits < _MAX_WAITS:
+            self._waiting[flow] = loop.call_later(_WAIT_S, self._record_when_ended, flow, waits + 1)
+        else:
+            self._waiting.pop(flow, None)
+            self.record(flow)
 
     def record(self, flow: Flow) -> None:
         """One SERVER span for `flow`, from its start to its end, with what the plugins found."""
@@ -107,11 +136,18 @@ class Plugin:
                                           start_time=int(flow.time_start * 1e9), attributes=_attributes(flow, route))
             # As OpenTelemetry's HTTP conventions have it for a server: a 5xx is an error, a 4xx
             # (the client's, even when the upstream said it) is not; a stream the upstream cut is.
-            if (flow.status or 0) >= 500 or flow.outcome == Outcome.TRUNCATED:
+            if (_status(flow) or 0) >= 500 or flow.outcome == Outcome.TRUNCATED:
                 span.set_status(self._error)
             span.end(end_time=int((flow.time_end or flow.time_start) * 1e9))
         except Exception:  # a span is never worth an error on the loop
             log.exception("could not record a span", request_id=flow.request_id)
+
+
+def _status(flow: Flow) -> int | None:
+    """The status the client got: a flow failed at its end (the audit could not write) answers
+    with its error's, whatever the upstream said (as the audit record has it)."""
+    error = flow.error
+    return error.status if isinstance(error, GatewayError) else flow.status
 
 
 def _attributes(flow: Flow, route: str) -> dict[str, Any]:
@@ -123,7 +159,7 @@ def _attributes(flow: Flow, route: str) -> dict[str, Any]:
         "gen_ai.system": "openai",
     }
     optional = {
-        "http.response.status_code": flow.status,
+        "http.response.status_code": _status(flow),
         "client.address": flow.client_ip,
         "gatekeeper.outcome": flow.outcome,
         "gatekeeper.cache": flow.cache_status,

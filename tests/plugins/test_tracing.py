@@ -15,7 +15,9 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from gatekeeper import hookimpl
 from gatekeeper.config import ConfigError, load_config
+from gatekeeper.errors import GatewayError
 from gatekeeper.plugins import build_hooks
 from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
 from gatekeeper_plugins.tracing import TracingConfig
@@ -155,3 +157,25 @@ def test_the_commented_tracing_section_in_config_toml_is_valid_once_uncommented(
         endpoint="http://otel-collector:4318/v1/traces", headers={"authorization": "Bearer collector-token"},
         service_name="gatekeeper", sample_ratio=1.0, export_timeout_s=10)
     tracing_plugin.provider.shutdown()  # it was built, never started: stop its export thread
+
+
+class RefusesAtTheEnd:
+    """Fails the flow in exchange_complete, after the tracing plugin's impl ran (as the audit does
+    when it cannot write): exchange_error follows for the same flow."""
+
+    name = "refuses-at-the-end"
+
+    @hookimpl(trylast=True)
+    def exchange_complete(self, flow) -> None:
+        raise GatewayError(503, "Records cannot be written.", code="audit_unavailable")
+
+
+async def test_a_flow_failed_at_its_end_is_still_one_span_that_says_how_it_ended(gateway_kit, collector):
+    receiver, endpoint = collector
+    gateway = await gateway_kit.start(tracing(endpoint), plugins=[RefusesAtTheEnd()])
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
+        with pytest.raises(openai.InternalServerError):
+            await client.images.generate(model="gpt-image-1.5", prompt="a fox")
+    await gateway_kit.stop_all()
+    (span,) = receiver.spans
+    assert (span["status"], span["attributes"]["http.response.status_code"]) == (2, 503)
