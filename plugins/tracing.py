@@ -15,6 +15,7 @@ the upstream unchanged, as every end-to-end header does.
 from __future__ import annotations
 
 import asyncio
+import importlib
 from typing import Any
 
 import msgspec
@@ -61,20 +62,35 @@ class Plugin:
     Config = TracingConfig
 
     def __init__(self, config: Config, settings: TracingConfig | None) -> None:
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-            from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        try:  # now, so a missing package is a config error (check-config says so too)
             from opentelemetry.trace import SpanKind, Status, StatusCode
             from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+            for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+                importlib.import_module(module)  # what `startup` imports
         except ImportError:
             raise ConfigError(f"{config.path}: the tracing plugin needs OpenTelemetry: "
                               "pip install 'gatekeeper[tracing]'") from None
         self.settings = settings or TracingConfig()
         for value in self.settings.headers.values():
             register_secret(value)  # a collector token must not reach a log line
+        self.provider: Any = None  # made in `startup`: its exporter runs a thread of its own
+        self.tracer: Any = None
+        self._propagator = TraceContextTextMapPropagator()
+        self._server = SpanKind.SERVER
+        self._error = Status(StatusCode.ERROR)
+        self._waiting: dict[Flow, asyncio.Handle] = {}  # flows whose span is not built yet
+
+    @hookimpl
+    def startup(self) -> None:
+        """The tracer provider and its batch exporter. Not in `__init__`: a config check, ``gatekeeper
+        plugins`` and every SIGHUP's validation build the plugins too, and would each start (and
+        never stop) the exporter's thread."""
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
         # A provider of its own, not the global one: an app embedding the gateway keeps its own.
         self.provider = TracerProvider(resource=Resource.create({"service.name": self.settings.service_name}),
                                        sampler=ParentBased(TraceIdRatioBased(self.settings.sample_ratio)))
@@ -82,10 +98,6 @@ class Plugin:
                                     timeout=self.settings.export_timeout_s)
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("gatekeeper")
-        self._propagator = TraceContextTextMapPropagator()
-        self._server = SpanKind.SERVER
-        self._error = Status(StatusCode.ERROR)
-        self._waiting: dict[Flow, asyncio.Handle] = {}  # flows whose span is not built yet
 
     def describe(self) -> str:
         where = self.settings.endpoint or "the OTEL_EXPORTER_OTLP_* endpoint"
@@ -95,6 +107,8 @@ class Plugin:
     async def shutdown(self) -> None:
         # Requests have drained, so every flow still waiting for its span has ended: record them
         # now, then export what the batch processor holds (blocking, so off the event loop).
+        if self.provider is None:  # a start that failed before this plugin's
+            return
         for flow, waiting in list(self._waiting.items()):
             waiting.cancel()
             self.record(flow)
