@@ -3,19 +3,37 @@
 Every refusal the gateway makes, from any stage or plugin, is a `GatewayError`. The pipeline
 turns it into the body the official SDK expects, ``{"error": {"message", "type", "param",
 "code"}}``, with the right status and headers, so apps see the same exception classes they
-would see from OpenAI itself.
+would see from OpenAI itself. Beside it, what the gateway counts as malformed JSON
+(`MALFORMED_JSON`, `is_json_object`), since a body that isn't JSON is where most refusals start.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-__all__ = ["MALFORMED_JSON", "GatewayError", "ListenError", "StartupError", "error_body"]
+__all__ = ["MALFORMED_JSON", "GatewayError", "ListenError", "StartupError", "error_body", "is_json_object"]
 
 # What msgspec raises for bytes that are not JSON. Invalid UTF-8 inside a string and nesting deeper
 # than the interpreter's recursion limit arrive as UnicodeDecodeError and RecursionError, not as a
 # msgspec.DecodeError: code that decodes what a client, an upstream or a file on disk sent catches all three.
 MALFORMED_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+class _AnyObject(msgspec.Struct):
+    pass
+
+
+_decode_object = msgspec.json.Decoder(_AnyObject).decode  # members skipped, not decoded
+
+
+def is_json_object(data: bytes) -> bool:
+    """Whether `data` is one well-formed JSON object: the whole text is checked (trailing bytes,
+    numbers, escapes, UTF-8), its members are not decoded."""
+    try:
+        _decode_object(data)
+    except MALFORMED_JSON:
+        return False
+    return True
 
 _ENCODER = msgspec.json.Encoder()
 

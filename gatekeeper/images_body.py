@@ -20,9 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
-
-from gatekeeper.errors import MALFORMED_JSON
+from gatekeeper.errors import is_json_object
 
 __all__ = ["SkimmedImages", "skim_images_body"]
 
@@ -54,11 +52,6 @@ class _Unsure(Exception):
     """The walk can't read this body as msgspec would: let msgspec decide."""
 
 
-class _AnyObject(msgspec.Struct):
-    pass
-
-
-_check_json = msgspec.json.Decoder(_AnyObject).decode
 
 
 def skim_images_body(body: bytes) -> SkimmedImages | None:
@@ -79,9 +72,7 @@ def skim_images_body(body: bytes) -> SkimmedImages | None:
         previous = end - 1
     pieces.append(view[previous:])
     skeleton = b"".join(pieces)
-    try:
-        _check_json(skeleton)  # trailing bytes, bad numbers, bad escapes: what the walk doesn't check
-    except MALFORMED_JSON:
+    if not is_json_object(skeleton):  # trailing bytes, bad numbers, bad escapes: what the walk doesn't check
         return None
     return SkimmedImages(skeleton, [None if span is None else view[span[0]:span[1]] for span in items])
 
