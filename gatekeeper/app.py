@@ -111,7 +111,7 @@ class Gateway:
                 raise
             except Exception as error:
                 await self._shut_down(reached)
-                raise StartupError(self.hooks.pm.get_name(reached[-1]) or function.__module__, error) from error
+                raise StartupError(self._plugin_name(function), error) from error
         self.started = True
         log.info("gateway started", plugins=[p.name for p in self.plugins.loaded])
 
@@ -145,7 +145,11 @@ class Gateway:
             try:
                 await _call_impl(function, argnames, arguments)
             except Exception:
-                log.exception(failure, plugin=self.hooks.pm.get_name(_owner(function)))
+                log.exception(failure, plugin=self._plugin_name(function))
+
+    def _plugin_name(self, function: Callable[..., Any]) -> str:
+        """The registered name of the plugin a hook implementation belongs to."""
+        return self.hooks.pm.get_name(_owner(function)) or function.__module__
 
     def mount_routes(self) -> None:
         for routes in self.hooks.call_sync("register_routes", gateway=self):
@@ -386,8 +390,7 @@ class Gateway:
         return None
 
     def _complete_failed(self, flow: Flow, function: Callable[..., Any]) -> None:
-        log.exception("exchange_complete hook failed", request_id=flow.request_id,
-                      plugin=self.hooks.pm.get_name(_owner(function)))
+        log.exception("exchange_complete hook failed", request_id=flow.request_id, plugin=self._plugin_name(function))
 
     async def _relay(self, flow: Flow) -> web.StreamResponse:
         """Send flow.response to the client, through the observers, then end the flow."""
