@@ -34,6 +34,7 @@ from gatekeeper.forwarded import client_address, parse_networks
 from gatekeeper.logs import get_logger, register_secret
 from gatekeeper.memo import BoundedMemo
 from gatekeeper.plugins import PluginSet, build_hooks
+from gatekeeper.uploads import Upload, upload_path_pattern
 
 __all__ = ["Gateway", "GATEWAY", "PRINCIPAL", "make_app", "normalize_path"]
 
@@ -87,6 +88,8 @@ class Gateway:
         self.admin_routes: dict[tuple[str, str], Handler] = {}
         self._paths: BoundedMemo[str, str] = BoundedMemo(_PATH_MEMO_SIZE)  # raw path -> normalized (or _UNSAFE)
         self._max_body = config.server.max_body_bytes
+        self._max_upload = config.server.max_upload_bytes
+        self._upload_paths = upload_path_pattern(config.server.upload_paths)
         self._max_concurrency = config.server.max_concurrency
         server = config.server
         use_json = server.log_format == "json" or (server.log_format == "auto" and not sys.stderr.isatty())
@@ -186,12 +189,15 @@ class Gateway:
 
     async def expect_continue(self, request: web.Request) -> None:
         """``Expect: 100-continue`` as nginx answers it, but no ``100 Continue`` for a body the
-        pipeline will refuse unread (over `max_body_bytes`, or at the concurrency limit): the
+        pipeline will refuse unread (over `max_body_bytes` or, for an upload, `max_upload_bytes`; or at
+        the concurrency limit): the
         client gets the refusal without sending the body. Other expectations are ignored, as
         nginx ignores them, rather than answered with aiohttp's plain-text 417."""
         if request.version != HttpVersion11 or request.headers.get("Expect", "").lower() != "100-continue":
             return
-        if request.content_length is not None and request.content_length > self._max_body:
+        path = self._paths.get(request.raw_path) or self._normalized_path(request.raw_path)
+        limit = self._max_upload if self._is_upload(request.method, path) else self._max_body
+        if request.content_length is not None and request.content_length > limit:
             return
         if self._max_concurrency and self.in_flight >= self._max_concurrency:
             return
@@ -248,11 +254,13 @@ class Gateway:
     async def run_pipeline(self, request: web.Request, path: str) -> web.StreamResponse:
         request_id = new_request_id()
         refusal: GatewayError | None = None
+        upload = self._is_upload(request.method, path)
+        limit = self._max_upload if upload else self._max_body
         if self._max_concurrency and self.in_flight >= self._max_concurrency:
             refusal = GatewayError(503, "The gateway is at its concurrency limit; retry shortly.", code="overloaded",
                                    headers={"retry-after": "1"})
-        elif request.content_length is not None and request.content_length > self._max_body:
-            refusal = self._too_large()
+        elif request.content_length is not None and request.content_length > limit:
+            refusal = self._too_large(limit)
         elif request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
             # Forwarded as plain HTTP (Upgrade is hop-by-hop), it would fail upstream in some
             # other way: say plainly that no WebSocket (the Realtime API) is relayed.
@@ -264,6 +272,10 @@ class Gateway:
         self.in_flight += 1
         flow: Flow | None = None
         try:
+            if upload:
+                flow = Flow(request, request_id, path, b"")
+                flow.upload = Upload(request.content, self._max_upload, self.config.server.body_timeout_s)
+                return await self._run_stages(flow)
             try:
                 body = await self._read_body(request) if request.body_exists else b""
             except GatewayError as error:
@@ -276,8 +288,12 @@ class Gateway:
             if flow is not None:
                 self._access_log(flow)
 
-    def _too_large(self) -> GatewayError:
-        return GatewayError(413, f"Request body is larger than the gateway's limit of {self._max_body} bytes.",
+    def _is_upload(self, method: str, path: str) -> bool:
+        """A body that streams upstream as it arrives (`[server] upload_paths`), bounded by `max_upload_bytes`."""
+        return self._upload_paths is not None and method == "POST" and self._upload_paths.match(path) is not None
+
+    def _too_large(self, limit: int) -> GatewayError:
+        return GatewayError(413, f"Request body is larger than the gateway's limit of {limit} bytes.",
                             code="request_too_large")
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -290,14 +306,14 @@ class Gateway:
             except RequestPayloadError:
                 raise _malformed_body() from None
             if len(body) > self._max_body:
-                raise self._too_large()
+                raise self._too_large(self._max_body)
             request._read_bytes = body
             return body
         try:
             async with asyncio.timeout(self.config.server.body_timeout_s):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise self._too_large() from None
+            raise self._too_large(self._max_body) from None
         except RequestPayloadError:  # a broken chunked encoding, a compressed body that won't decompress
             raise _malformed_body() from None
         except TimeoutError:

@@ -63,6 +63,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: int = 8080
     unix_socket: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
+    # POST bodies to these paths go upstream as they arrive instead of being read whole first
+    # (gatekeeper/uploads.py): file uploads, which no stage reads. "*" is one path segment.
+    upload_paths: list[str] = msgspec.field(default_factory=lambda: ["/v1/files", "/v1/uploads/*/parts"])
+    max_upload_bytes: PositiveInt = 512 * 1024 * 1024  # the Files API's own limit per file
     max_concurrency: NonNegativeInt = 512  # 0: no limit
     header_timeout_s: PositiveFloat = 10.0  # the whole request head, from its first byte (or from connect)
     body_timeout_s: PositiveFloat = 60.0
@@ -87,6 +91,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         parse_networks(self.trusted_proxies)
+        for path in self.upload_paths:
+            if not path.startswith("/v1/") or path.endswith("/") or "//" in path:
+                raise ValueError(f"upload_paths: {path!r} is not a path under /v1/ (\"/v1/files\", \"/v1/uploads/*/parts\")")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both for HTTPS, or neither")
         if self.tls_cert_file and self.unix_socket:

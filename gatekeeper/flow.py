@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gatekeeper.errors import MALFORMED_JSON, GatewayError
+from gatekeeper.uploads import Upload
 
 __all__ = ["Flow", "GatewayResponse", "Principal", "Outcome", "new_request_id"]
 
@@ -110,7 +111,7 @@ class Flow:
         "cache_key", "cache_status", "upstream_name", "response", "status", "attempts",
         "upstream_request_id", "openai_organization", "openai_project", "upstream_latency_s",
         "collect_response_body", "response_body", "usage", "annotations", "annotations_pending", "cost_usd", "saved_usd", "outcome",
-        "error", "bytes_sent", "scratch",
+        "error", "bytes_sent", "scratch", "upload",
     )
 
     def __init__(self, request: web.Request, request_id: str, path: str, body: bytes) -> None:
@@ -154,6 +155,8 @@ class Flow:
         self.error: BaseException | None = None
         self.bytes_sent = 0
         self.scratch: dict[str, Any] = {}  # per-plugin state; key it by plugin name
+        # A body that streams upstream as it arrives ([server] upload_paths): `body` is then b"".
+        self.upload: Upload | None = None
 
     @property
     def content_type(self) -> str:

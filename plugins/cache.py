@@ -216,8 +216,10 @@ class Plugin:
         # Not `async def`: with the memory backend a hit, and the miss that opens a flight, need no
         # await; the dispatcher awaits the coroutine returned for the rest (Redis, a flight to
         # follow, a body hashed in a thread).
-        if flow.method != "POST" or flow.route not in self.routes:
-            return None  # not a cacheable route: no x-gatekeeper-cache header at all
+        if flow.method != "POST" or flow.route not in self.routes or flow.upload is not None:
+            # Not a cacheable route (no x-gatekeeper-cache header at all), or an upload whose
+            # body streams upstream unread, which no key could name.
+            return None
         headers = flow.headers
         if "cache-control" in headers or "x-gatekeeper-cache-ttl" in headers:
             controls = request_controls(headers, self.settings.ttl_s)

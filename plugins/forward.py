@@ -210,6 +210,11 @@ class Plugin:
                 return outcome
             failure = outcome
             record["last_error"] = f"{upstream.name}: {failure.detail}"
+            if flow.upload is not None and flow.upload.started:
+                # Its body went upstream as it arrived and no copy is kept: this attempt was the
+                # only one. The upstream's own error (a 429, a 500) is relayed for the client to judge.
+                last_reply = failure.reply or last_reply
+                break
             log.warning("upstream attempt failed", request_id=flow.request_id, upstream=upstream.name,
                         kind=failure.kind, detail=failure.detail, attempt=flow.attempts)
             if failure.reply is not None:
@@ -247,10 +252,16 @@ class Plugin:
             url += "?" + flow.query_string
         timeout = aiohttp.ClientTimeout(total=min(config.total_timeout_s, remaining_s),
                                         connect=config.connect_timeout_s, sock_read=config.read_timeout_s)
+        headers = self.upstream_headers(flow, upstream)
+        upload = flow.upload
+        if upload is not None and flow.request.content_length is not None and "Content-Encoding" not in flow.headers:
+            # The length as the client declared it (aiohttp would otherwise re-chunk the stream);
+            # not for a compressed body, which reaches the upstream decoded.
+            headers["Content-Length"] = str(flow.request.content_length)
         started = time.perf_counter()
         try:
             response = await self.session.request(
-                flow.method, url, data=flow.body or None, headers=self.upstream_headers(flow, upstream),
+                flow.method, url, data=upload.chunks() if upload is not None else flow.body or None, headers=headers,
                 timeout=timeout, allow_redirects=False, proxy=upstream.proxy, proxy_headers=upstream.proxy_headers,
             )
             if response.status == 407 and upstream.proxy is not None:
@@ -265,6 +276,8 @@ class Plugin:
             flow.upstream_latency_s = time.perf_counter() - started
             result = await self.to_gateway_response(flow, response, upstream)
         except Exception as error:  # noqa: BLE001 - every transport failure becomes a Failure
+            if upload is not None and upload.error is not None:
+                raise upload.error from None  # the client's body failed, not the upstream (no verdict given)
             failure = _transport_failure(error)
             if failure is None:
                 raise

@@ -1,0 +1,88 @@
+"""Request bodies that go upstream as they arrive: ``[server] upload_paths`` and ``max_upload_bytes``.
+
+A file upload (the Files API takes files of up to 512 MB, an Uploads API part up to 64 MB) is a
+body no stage needs to read: it is never cached, has no prompt to normalize and no usage to
+meter. Read whole first, it would be held in memory and capped by `max_body_bytes`. Instead the
+forwarder sends it upstream chunk by chunk as the client sends it, as nginx does with
+``proxy_request_buffering off``. Such a flow has ``flow.body == b""`` and ``flow.upload`` set.
+
+Its body can be sent once: once the first chunk has gone upstream it is never retried or failed
+over (an upstream's 429 or 5xx is relayed as it came, for the client to decide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import StreamReader
+from aiohttp.web_protocol import RequestPayloadError
+
+from gatekeeper.errors import GatewayError
+
+__all__ = ["Upload", "upload_path_pattern"]
+
+
+def upload_path_pattern(paths: Sequence[str]) -> re.Pattern[str] | None:
+    """One pattern for the configured paths, matched against the normalized path; ``*`` stands
+    for exactly one path segment (``/v1/uploads/*/parts``). None for an empty list."""
+    if not paths:
+        return None
+    alternatives = ("/".join("[^/]+" if part == "*" else re.escape(part) for part in path.split("/"))
+                    for path in paths)
+    return re.compile("(?:" + "|".join(alternatives) + r")\Z")
+
+
+class Upload:
+    """The body of a flow that streams upstream; what the forwarder sends instead of `flow.body`.
+
+    `error` is set when the client's side ended the body (too large, silent too long, broken
+    encoding, gone): the forwarder answers with it instead of blaming the upstream.
+    """
+
+    __slots__ = ("_content", "_limit", "_stall_s", "bytes_read", "started", "complete", "error")
+
+    def __init__(self, content: StreamReader, limit: int, stall_s: float) -> None:
+        self._content = content
+        self._limit = limit
+        self._stall_s = stall_s
+        self.bytes_read = 0
+        self.started = False  # its first chunk has been read for an upstream: it can't be sent again
+        self.complete = False  # the client sent all of it
+        self.error: GatewayError | None = None
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. Any number of these may be made, but only one read: an attempt
+        that never got to send (a refused connection) leaves the body for the next upstream."""
+        if self.started:
+            raise RuntimeError("a streamed upload can be sent only once")
+        return self._read()
+
+    async def _read(self) -> AsyncIterator[bytes]:
+        if self.started:
+            raise RuntimeError("a streamed upload can be sent only once")
+        self.started = True
+        content = self._content
+        while True:
+            try:
+                async with asyncio.timeout(self._stall_s):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise self._fail(GatewayError(408, f"No part of the request body arrived for {self._stall_s:g} "
+                                                   "seconds.", code="request_timeout")) from None
+            except RequestPayloadError:  # a broken chunked encoding, a Content-Encoding that won't decode
+                raise self._fail(GatewayError(400, "The request body could not be read: its chunked encoding or "
+                                                   "its Content-Encoding is broken.", code="invalid_request_body")) from None
+            if not chunk:
+                self.complete = True
+                return
+            self.bytes_read += len(chunk)
+            if self.bytes_read > self._limit:
+                raise self._fail(GatewayError(413, f"Request body is larger than the gateway's limit of {self._limit} "
+                                                   "bytes.", code="request_too_large"))
+            yield chunk
+
+    def _fail(self, error: GatewayError) -> GatewayError:
+        self.error = error
+        return error
