@@ -2,9 +2,14 @@
 
 `FakeUpstream` is an aiohttp application that answers the endpoints a gateway forwards
 to, following ``shared/openai-images-contract.md``: images generations, edits and
-variations (JSON, multipart and SSE), chat completions, responses, embeddings and
-models. Bodies, SSE framing, error bodies and response headers have OpenAI's shapes;
-content and usage are deterministic, so tests can assert exact token counts.
+variations (JSON, multipart and SSE), chat completions, responses, embeddings, models,
+and files and uploads (kept in memory, per the pinned ``shared/openai-openapi.yaml``).
+Bodies, SSE framing, error bodies and response headers have OpenAI's shapes; content and
+usage are deterministic, so tests can assert exact token counts.
+
+The bodies of ``POST /v1/files`` and ``POST /v1/uploads/{upload_id}/parts`` are read as
+they arrive, and `FakeUpstream.upload_bytes_received` counts them chunk by chunk, so a
+test can see an upload reach the fake before its sender has finished.
 
 Every request is recorded in `FakeUpstream.calls`. `FakeUpstream.inject` makes the next
 matching request misbehave: an error status, a stall, a stream cut mid-way or a reset
@@ -227,6 +232,10 @@ def _unknown_parameter(name: str) -> _ApiError:
     return _ApiError(400, f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
 
 
+def _missing_parameter(name: str) -> _ApiError:
+    return _ApiError(400, f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
+
+
 # ----------------------------------------------------------------------------- records and faults
 
 
@@ -363,8 +372,11 @@ def _byte_stream(body: bytes) -> StreamReader:
     return stream
 
 
-async def _read_form(headers: Mapping[str, str], body: bytes) -> tuple[dict[str, str], list[_Upload]]:
-    """Text fields (last value wins) and file parts of a multipart/form-data body."""
+async def _read_form(
+    headers: Mapping[str, str], body: bytes, file_parts: frozenset[str] = _FILE_PARTS
+) -> tuple[dict[str, str], list[_Upload]]:
+    """Text fields (last value wins) and file parts (those named in `file_parts`) of a
+    multipart/form-data body."""
     fields: dict[str, str] = {}
     uploads: list[_Upload] = []
     try:
@@ -379,7 +391,7 @@ async def _read_form(headers: Mapping[str, str], body: bytes) -> tuple[dict[str,
             if unparsed:
                 raise ValueError("a part's Content-Disposition does not parse")
             data = bytes(await part.read())
-            if name in _FILE_PARTS:
+            if name in file_parts:
                 uploads.append(_Upload(name, part.filename, data))
             else:
                 fields[name] = data.decode("utf-8")
@@ -828,6 +840,60 @@ def _model_object(model_id: str, created: int, owned_by: str) -> _Json:
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
 
 
+# ----------------------------------------------------------------------------- files and uploads
+
+_FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")  # Spec:CreateFileRequest
+_UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision")  # Spec:CreateUploadRequest
+_MAX_FILE_BYTES = 512 << 20  # "Individual files can be up to 512 MB" (createFile)
+_MAX_PART_BYTES = 64 << 20  # "Each Part can be at most 64 MB" (addUploadPart)
+_MAX_UPLOAD_BYTES = 8 << 30  # "an Upload can accept at most 8 GB in total" (createUpload)
+_UPLOAD_LIFETIME_S = 3600  # an Upload "expires after an hour after you create it"
+_BATCH_FILE_LIFETIME_S = 30 * 24 * 3600  # Spec:FileExpirationAfter: batch files expire after 30 days
+# The two routes whose bodies are read as they arrive and counted in `upload_bytes_received`.
+_COUNTED_UPLOAD_ROUTES = frozenset({("POST", "/v1/files"), ("POST", "/v1/uploads/{upload_id}/parts")})
+
+
+@dataclass
+class _StoredFile:
+    meta: _Json  # the OpenAIFile object, as answered
+    content: bytes
+
+
+@dataclass
+class _UploadState:
+    meta: _Json  # the Upload object, as answered; its status and file change in place
+    parts: dict[str, bytes] = field(default_factory=dict)  # part id -> the Part's bytes
+
+
+def _file_object(filename: str, purpose: str, size: int) -> _Json:
+    """A new Spec:OpenAIFile; `expires_at` only where a file expires (batch files, after 30 days)."""
+    created_at = int(time.time())
+    meta: _Json = {
+        "id": _new_id("file-"),
+        "object": "file",
+        "bytes": size,
+        "created_at": created_at,
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+    }
+    if purpose == "batch":
+        meta["expires_at"] = created_at + _BATCH_FILE_LIFETIME_S
+    return meta
+
+
+def _too_large(name: str, size: int, limit: int, what: str) -> _ApiError:
+    return _ApiError(
+        400, f"{what} is too large: {size} bytes, at most {limit} bytes are allowed.", param=name, code="invalid_value"
+    )
+
+
+def _require_pending(upload: _UploadState, action: str) -> None:
+    status = upload.meta["status"]
+    if status != "pending":
+        raise _ApiError(400, f"Cannot {action} an Upload with status '{status}'.")
+
+
 async def _drop_connection(request: web.Request) -> None:
     """Close the connection abruptly, after what was already written has left."""
     transport = request.transport
@@ -863,7 +929,13 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class FakeUpstream:
-    """An in-process fake of api.openai.com/v1, with recorded calls and injectable faults."""
+    """An in-process fake of api.openai.com/v1, with recorded calls and injectable faults.
+
+    Public state a test may read: `calls` (every request, as it arrived), `base_url` (once
+    started), and `upload_bytes_received`, the body bytes of ``POST /v1/files`` and
+    ``POST /v1/uploads/{upload_id}/parts`` counted chunk by chunk as they arrive (it grows
+    before the sender has finished, and only ever grows). Files and Uploads live in memory.
+    """
 
     def __init__(
         self,
@@ -882,7 +954,10 @@ class FakeUpstream:
         self.stream_interval_s = 0.0  # pause between SSE events, to make streams observably slow
         self.calls: list[RecordedCall] = []
         self.base_url: str | None = None  # set by start()
+        self.upload_bytes_received = 0  # grows with each chunk of an upload-carrying body, as it arrives
         self._faults: list[_Fault] = []
+        self._files: dict[str, _StoredFile] = {}  # insertion order is creation order
+        self._uploads: dict[str, _UploadState] = {}
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ control
@@ -953,11 +1028,21 @@ class FakeUpstream:
             ("POST", "/v1/embeddings", self._embeddings),
             ("GET", "/v1/models", self._list_models),
             ("GET", "/v1/models/{model}", self._retrieve_model),
+            ("POST", "/v1/files", self._create_file),
+            ("GET", "/v1/files", self._list_files),
+            ("GET", "/v1/files/{file_id}", self._retrieve_file),
+            ("DELETE", "/v1/files/{file_id}", self._delete_file),
+            ("GET", "/v1/files/{file_id}/content", self._file_content),
+            ("POST", "/v1/uploads", self._create_upload),
+            ("POST", "/v1/uploads/{upload_id}/parts", self._add_upload_part),
+            ("POST", "/v1/uploads/{upload_id}/complete", self._complete_upload),
+            ("POST", "/v1/uploads/{upload_id}/cancel", self._cancel_upload),
             # Last: any other path or method under /v1 gets OpenAI's 404, recorded like the rest.
             ("*", "/v1{tail:.*}", self._unknown_route),
         ]
         for method, path, endpoint in routes:
-            app.router.add_route(method, path, self._endpoint(endpoint))
+            counted = (method, path) in _COUNTED_UPLOAD_ROUTES
+            app.router.add_route(method, path, self._endpoint(endpoint, counted=counted))
         app.router.add_post("/__fake/faults", self._control_inject)
         app.router.add_delete("/__fake/faults", self._control_clear_faults)
         app.router.add_get("/__fake/calls", self._control_calls)
@@ -998,10 +1083,12 @@ class FakeUpstream:
 
     # ------------------------------------------------------------------ request pipeline
 
-    def _endpoint(self, endpoint: _Endpoint) -> _Handler:
+    def _endpoint(self, endpoint: _Endpoint, *, counted: bool = False) -> _Handler:
+        """`endpoint` behind recording and faults; a `counted` body is read as it arrives."""
+
         async def handler(request: web.Request) -> web.StreamResponse:
             request[_STARTED_AT] = time.monotonic()
-            body = await request.read()
+            body = await (self._read_counted(request) if counted else request.read())
             self.calls.append(
                 RecordedCall(request.method, request.path, CIMultiDict(request.headers), body, time.monotonic())
             )
@@ -1021,6 +1108,18 @@ class FakeUpstream:
             return await self._send(request, reply, fault)
 
         return handler
+
+    async def _read_counted(self, request: web.Request) -> bytes:
+        """The whole body, read chunk by chunk; `upload_bytes_received` grows with each chunk."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            self.upload_bytes_received += len(chunk)
+            size += len(chunk)
+            if size > _MAX_BODY_BYTES:  # what request.read() enforces through client_max_size
+                raise web.HTTPRequestEntityTooLarge(max_size=_MAX_BODY_BYTES, actual_size=size)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _answer(self, request: web.Request, body: bytes, endpoint: _Endpoint) -> _Reply:
         try:
@@ -1323,6 +1422,147 @@ class FakeUpstream:
             param="model",
             code="model_not_found",
         )
+
+    # ------------------------------------------------------------------ files and uploads
+
+    def _stored_file(self, request: web.Request) -> _StoredFile:
+        file_id = request.match_info["file_id"]
+        stored = self._files.get(file_id)
+        if stored is None:
+            raise _ApiError(404, f"No such File object: {file_id}", param="id")
+        return stored
+
+    def _upload_state(self, request: web.Request) -> _UploadState:
+        upload_id = request.match_info["upload_id"]
+        upload = self._uploads.get(upload_id)
+        if upload is None:
+            raise _ApiError(404, f"No such Upload object: {upload_id}", param="id")
+        return upload
+
+    async def _create_file(self, request: web.Request, body: bytes) -> _Reply:
+        if not _is_multipart(request):
+            raise _ApiError(400, "File uploads require a multipart/form-data body.")
+        fields, file_parts = await _read_form(request.headers, body, frozenset({"file"}))
+        if not file_parts:
+            raise _missing_parameter("file")
+        part = file_parts[0]
+        if part.filename is None:
+            raise _ApiError(
+                400, "Invalid type for 'file': expected a file, but got a string.", param="file", code="invalid_type"
+            )
+        params = _Params(fields, from_form=True)
+        purpose = params.required_text("purpose")
+        if purpose not in _FILE_PURPOSES:
+            raise _invalid_value("purpose", purpose, _FILE_PURPOSES)
+        if len(part.data) > _MAX_FILE_BYTES:
+            raise _too_large("file", len(part.data), _MAX_FILE_BYTES, "File")
+        stored = _StoredFile(_file_object(part.filename, purpose, len(part.data)), part.data)
+        self._files[stored.meta["id"]] = stored
+        return _json_reply(stored.meta)
+
+    async def _list_files(self, request: web.Request, body: bytes) -> _Reply:
+        query = _Params(request.query, from_form=True)
+        purpose = query.optional_text("purpose")
+        order = query.text("order", "desc", ("asc", "desc"))
+        files = [stored.meta for stored in self._files.values() if purpose is None or stored.meta["purpose"] == purpose]
+        if order == "desc":
+            files.reverse()  # newest first: creation order, backwards
+        first_id, last_id = (files[0]["id"], files[-1]["id"]) if files else (None, None)
+        # Spec:ListFilesResponse: the SDK's CursorPage pages on has_more; every file fits on one page.
+        return _json_reply(
+            {"object": "list", "data": files, "first_id": first_id, "last_id": last_id, "has_more": False}
+        )
+
+    async def _retrieve_file(self, request: web.Request, body: bytes) -> _Reply:
+        return _json_reply(self._stored_file(request).meta)
+
+    async def _delete_file(self, request: web.Request, body: bytes) -> _Reply:
+        file_id = self._stored_file(request).meta["id"]
+        del self._files[file_id]
+        return _json_reply({"id": file_id, "object": "file", "deleted": True})
+
+    async def _file_content(self, request: web.Request, body: bytes) -> _Reply:
+        return _Reply(body=self._stored_file(request).content, content_type="application/octet-stream")
+
+    async def _create_upload(self, request: web.Request, body: bytes) -> _Reply:
+        params = _Params(_json_object(body))
+        filename = params.required_text("filename")
+        purpose = params.required_text("purpose")
+        if purpose not in _UPLOAD_PURPOSES:
+            raise _invalid_value("purpose", purpose, _UPLOAD_PURPOSES)
+        if not params.present("bytes"):
+            raise _missing_parameter("bytes")
+        declared = params.integer("bytes", 0, 0, _MAX_UPLOAD_BYTES)
+        params.required_text("mime_type")
+        created_at = int(time.time())
+        meta: _Json = {
+            "id": _new_id("upload_"),
+            "object": "upload",
+            "bytes": declared,
+            "created_at": created_at,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "pending",
+            "expires_at": created_at + _UPLOAD_LIFETIME_S,
+            "file": None,
+        }
+        self._uploads[meta["id"]] = _UploadState(meta)
+        return _json_reply(meta)
+
+    async def _add_upload_part(self, request: web.Request, body: bytes) -> _Reply:
+        upload = self._upload_state(request)
+        if not _is_multipart(request):
+            raise _ApiError(400, "Upload parts require a multipart/form-data body.")
+        _, file_parts = await _read_form(request.headers, body, frozenset({"data"}))
+        if not file_parts:
+            raise _missing_parameter("data")
+        _require_pending(upload, "add parts to")
+        data = file_parts[0].data
+        if len(data) > _MAX_PART_BYTES:
+            raise _too_large("data", len(data), _MAX_PART_BYTES, "Part")
+        part_id = _new_id("part_")
+        upload.parts[part_id] = data
+        return _json_reply(
+            {"id": part_id, "object": "upload.part", "created_at": int(time.time()), "upload_id": upload.meta["id"]}
+        )
+
+    async def _complete_upload(self, request: web.Request, body: bytes) -> _Reply:
+        upload = self._upload_state(request)
+        params = _Params(_json_object(body))
+        part_ids = params.values.get("part_ids")
+        if part_ids is None:
+            raise _missing_parameter("part_ids")
+        if not isinstance(part_ids, list) or not all(isinstance(part_id, str) for part_id in part_ids):
+            raise _ApiError(
+                400, "Invalid type for 'part_ids': expected an array of strings.", param="part_ids", code="invalid_type"
+            )
+        md5 = params.optional_text("md5")
+        _require_pending(upload, "complete")
+        unknown = [part_id for part_id in part_ids if part_id not in upload.parts]
+        if unknown:
+            raise _ApiError(400, f"Invalid 'part_ids': '{unknown[0]}' is not a Part of this Upload.", param="part_ids")
+        content = b"".join(upload.parts[part_id] for part_id in part_ids)
+        declared = upload.meta["bytes"]
+        if len(content) != declared:
+            raise _ApiError(
+                400,
+                f"The Parts add up to {len(content)} bytes, but the Upload was created with bytes={declared}.",
+                param="part_ids",
+            )
+        if md5 is not None and md5.lower() != hashlib.md5(content, usedforsecurity=False).hexdigest():
+            raise _ApiError(400, "The md5 checksum of the uploaded bytes does not match 'md5'.", param="md5")
+        stored = _StoredFile(_file_object(upload.meta["filename"], upload.meta["purpose"], len(content)), content)
+        self._files[stored.meta["id"]] = stored
+        upload.meta.update(status="completed", file=stored.meta)
+        upload.parts.clear()
+        return _json_reply(upload.meta)
+
+    async def _cancel_upload(self, request: web.Request, body: bytes) -> _Reply:
+        upload = self._upload_state(request)
+        _require_pending(upload, "cancel")
+        upload.meta["status"] = "cancelled"
+        upload.parts.clear()
+        return _json_reply(upload.meta)
 
     async def _unknown_route(self, request: web.Request, body: bytes) -> _Reply:
         raise _ApiError(404, f"Invalid URL ({request.method} {request.path})")

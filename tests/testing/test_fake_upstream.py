@@ -423,6 +423,254 @@ async def test_unknown_path_is_an_openai_404_and_recorded(http: TestClient, fake
     assert fake.count("/v1/nope") == 1
 
 
+# ----------------------------------------------------------------------------- files and uploads
+
+JSONL = b'{"custom_id": "1", "method": "POST", "url": "/v1/embeddings", "body": {}}\n'
+
+
+async def test_a_file_is_created_retrieved_downloaded_listed_and_deleted(sdk: openai.AsyncOpenAI) -> None:
+    created = await sdk.files.create(file=("data.jsonl", JSONL), purpose="batch")
+    assert re.fullmatch(r"file-[0-9a-f]+", created.id)
+    assert (created.object, created.bytes, created.filename, created.purpose, created.status) == (
+        "file", len(JSONL), "data.jsonl", "batch", "processed"
+    )
+    assert abs(created.created_at - time.time()) < 5
+    assert await sdk.files.retrieve(created.id) == created
+    assert (await sdk.files.content(created.id)).content == JSONL
+    assert [file.id async for file in sdk.files.list()] == [created.id]
+    deleted = await sdk.files.delete(created.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (created.id, "file", True)
+    assert [file.id async for file in sdk.files.list()] == []
+
+
+async def test_file_list_has_the_spec_shape_newest_first_and_filters_by_purpose(
+    sdk: openai.AsyncOpenAI, http: TestClient
+) -> None:
+    older = await sdk.files.create(file=("a.jsonl", JSONL), purpose="batch")
+    newer = await sdk.files.create(file=("b.txt", b"notes"), purpose="user_data")
+    listed = await (await http.get("/v1/files")).json()
+    assert listed == {
+        "object": "list",
+        "data": [newer.model_dump(exclude_unset=True), older.model_dump(exclude_unset=True)],
+        "first_id": newer.id,
+        "last_id": older.id,
+        "has_more": False,
+    }
+    assert [f["id"] for f in (await (await http.get("/v1/files?order=asc")).json())["data"]] == [older.id, newer.id]
+    assert [f["id"] for f in (await (await http.get("/v1/files?purpose=batch")).json())["data"]] == [older.id]
+
+
+async def test_file_content_is_the_stored_bytes_as_octet_stream(sdk: openai.AsyncOpenAI, http: TestClient) -> None:
+    payload = bytes(range(256)) * 4  # not UTF-8: the bytes come back as sent
+    created = await sdk.files.create(file=("blob.bin", payload), purpose="user_data")
+    answer = await http.get(f"/v1/files/{created.id}/content")
+    assert (answer.status, answer.content_type, await answer.read()) == (200, "application/octet-stream", payload)
+
+
+async def test_a_batch_file_expires_after_30_days_and_others_do_not(sdk: openai.AsyncOpenAI) -> None:
+    batch = await sdk.files.create(file=("a.jsonl", JSONL), purpose="batch")
+    kept = await sdk.files.create(file=("a.jsonl", JSONL), purpose="fine-tune")
+    assert batch.expires_at == batch.created_at + 30 * 24 * 3600
+    assert kept.expires_at is None
+
+
+async def test_file_create_without_purpose_is_400_naming_purpose(http: TestClient) -> None:
+    form = aiohttp.FormData()
+    form.add_field("file", JSONL, filename="data.jsonl")
+    answer = await http.post("/v1/files", data=form)
+    assert answer.status == 400
+    assert await answer.json() == {
+        "error": {
+            "message": "Missing required parameter: 'purpose'.",
+            "type": "invalid_request_error",
+            "param": "purpose",
+            "code": "missing_required_parameter",
+        }
+    }
+
+
+async def test_file_create_with_an_unknown_purpose_is_400_listing_the_spec_values(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.files.create(file=("data.jsonl", JSONL), purpose="training")
+    error = caught.value.body
+    assert (caught.value.code, error["param"], error["type"]) == ("invalid_value", "purpose", "invalid_request_error")
+    assert error["message"] == (
+        "Invalid value: 'training'. Supported values are: "
+        "'assistants', 'batch', 'fine-tune', 'vision', 'user_data', 'evals'."
+    )
+
+
+async def test_file_create_without_a_file_part_is_400_naming_file(http: TestClient) -> None:
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("purpose", "batch")
+    answer = await http.post("/v1/files", data=form)
+    assert answer.status == 400
+    assert (await answer.json())["error"]["param"] == "file"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/files/file-nope"),
+    ("GET", "/v1/files/file-nope/content"),
+    ("DELETE", "/v1/files/file-nope"),
+])
+async def test_an_unknown_file_id_is_404(http: TestClient, method: str, path: str) -> None:
+    answer = await http.request(method, path)
+    assert answer.status == 404
+    assert await answer.json() == {
+        "error": {
+            "message": "No such File object: file-nope",
+            "type": "invalid_request_error",
+            "param": "id",
+            "code": None,
+        }
+    }
+
+
+async def test_a_deleted_file_is_404(sdk: openai.AsyncOpenAI) -> None:
+    created = await sdk.files.create(file=("data.jsonl", JSONL), purpose="batch")
+    await sdk.files.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await sdk.files.content(created.id)
+
+
+async def test_an_upload_completes_into_a_file_of_its_parts_in_part_ids_order(sdk: openai.AsyncOpenAI) -> None:
+    first, second = b'{"n": 1}\n', b'{"n": 2}\n'
+    upload = await sdk.uploads.create(
+        filename="big.jsonl", purpose="batch", bytes=len(first + second), mime_type="text/jsonl"
+    )
+    assert re.fullmatch(r"upload_[0-9a-f]+", upload.id)
+    assert (upload.object, upload.status, upload.file) == ("upload", "pending", None)
+    assert upload.expires_at == upload.created_at + 3600
+    part_2 = await sdk.uploads.parts.create(upload.id, data=second)  # sent first, placed second
+    part_1 = await sdk.uploads.parts.create(upload.id, data=first)
+    assert re.fullmatch(r"part_[0-9a-f]+", part_1.id) and part_1.id != part_2.id
+    assert (part_1.object, part_1.upload_id) == ("upload.part", upload.id)
+    completed = await sdk.uploads.complete(upload.id, part_ids=[part_1.id, part_2.id])
+    assert (completed.id, completed.status) == (upload.id, "completed")
+    assert (completed.file.filename, completed.file.purpose, completed.file.bytes) == (
+        "big.jsonl", "batch", len(first + second)
+    )
+    assert (await sdk.files.content(completed.file.id)).content == first + second
+    assert await sdk.files.retrieve(completed.file.id) == completed.file
+
+
+async def test_completing_an_upload_whose_parts_miss_its_declared_size_is_400(sdk: openai.AsyncOpenAI) -> None:
+    upload = await sdk.uploads.create(filename="a.jsonl", purpose="batch", bytes=100, mime_type="text/jsonl")
+    part = await sdk.uploads.parts.create(upload.id, data=b"only ten b")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.uploads.complete(upload.id, part_ids=[part.id])
+    assert caught.value.body["type"] == "invalid_request_error"
+    assert caught.value.body["message"] == "The Parts add up to 10 bytes, but the Upload was created with bytes=100."
+    assert [file.id async for file in sdk.files.list()] == []  # no file was made
+
+
+async def test_completing_with_a_wrong_md5_is_400_and_the_right_one_passes(sdk: openai.AsyncOpenAI) -> None:
+    upload = await sdk.uploads.create(filename="a.txt", purpose="assistants", bytes=5, mime_type="text/plain")
+    part = await sdk.uploads.parts.create(upload.id, data=b"hello")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.uploads.complete(upload.id, part_ids=[part.id], md5="0" * 32)
+    assert caught.value.param == "md5"
+    completed = await sdk.uploads.complete(upload.id, part_ids=[part.id], md5="5d41402abc4b2a76b9719d911017c592")
+    assert completed.status == "completed"
+
+
+async def test_a_cancelled_upload_takes_no_more_parts(sdk: openai.AsyncOpenAI) -> None:
+    upload = await sdk.uploads.create(filename="a.jsonl", purpose="batch", bytes=3, mime_type="text/jsonl")
+    cancelled = await sdk.uploads.cancel(upload.id)
+    assert (cancelled.id, cancelled.status, cancelled.file) == (upload.id, "cancelled", None)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.uploads.parts.create(upload.id, data=b"abc")
+    assert caught.value.message.endswith("Cannot add parts to an Upload with status 'cancelled'.")
+
+
+@pytest.mark.parametrize("field", ["filename", "purpose", "bytes", "mime_type"])
+async def test_creating_an_upload_without_a_required_field_is_400_naming_it(http: TestClient, field: str) -> None:
+    body = {"filename": "a.jsonl", "purpose": "batch", "bytes": 3, "mime_type": "text/jsonl"}
+    del body[field]
+    answer = await http.post("/v1/uploads", json=body)
+    error = (await answer.json())["error"]
+    assert (answer.status, error["param"], error["code"]) == (400, field, "missing_required_parameter")
+
+
+async def test_an_upload_purpose_outside_the_spec_enum_is_400(http: TestClient) -> None:
+    # CreateUploadRequest allows fewer purposes than CreateFileRequest: no user_data, no evals.
+    body = {"filename": "a.txt", "purpose": "user_data", "bytes": 3, "mime_type": "text/plain"}
+    answer = await http.post("/v1/uploads", json=body)
+    error = (await answer.json())["error"]
+    assert (answer.status, error["param"], error["code"]) == (400, "purpose", "invalid_value")
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/uploads/upload_nope/complete", {"part_ids": []}),
+    ("POST", "/v1/uploads/upload_nope/cancel", None),
+])
+async def test_an_unknown_upload_id_is_404(http: TestClient, method: str, path: str, body: object) -> None:
+    answer = await http.request(method, path, json=body)
+    assert answer.status == 404
+    assert (await answer.json())["error"]["message"] == "No such Upload object: upload_nope"
+
+
+async def test_a_part_for_an_unknown_upload_is_404(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await sdk.uploads.parts.create("upload_nope", data=b"abc")
+
+
+async def test_upload_bytes_received_grows_by_each_upload_body(sdk: openai.AsyncOpenAI, fake: FakeUpstream) -> None:
+    content = b"x" * 300_000
+    assert fake.upload_bytes_received == 0
+    await sdk.files.create(file=("big.jsonl", content), purpose="batch")
+    file_body = len(fake.calls[-1].body)
+    assert fake.upload_bytes_received == file_body > len(content)  # the whole multipart body, file part and all
+    upload = await sdk.uploads.create(filename="a", purpose="batch", bytes=len(content), mime_type="text/plain")
+    await sdk.uploads.parts.create(upload.id, data=content)
+    assert fake.upload_bytes_received == file_body + len(fake.calls[-1].body) > file_body + len(content)
+
+
+async def test_upload_bytes_are_counted_as_they_arrive_before_the_body_ends(
+    http: TestClient, fake: FakeUpstream
+) -> None:
+    boundary = "fakeboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="slow.jsonl"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    half = b"y" * 65536
+    release = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head + half
+        await release.wait()  # the rest is held back until the fake has seen the first piece
+        yield half + f"\r\n--{boundary}--\r\n".encode()
+
+    async def first_piece_arrives() -> None:
+        while fake.upload_bytes_received < len(head + half):
+            await asyncio.sleep(0.005)
+
+    sending = asyncio.create_task(
+        http.post("/v1/files", data=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    )
+    try:
+        await asyncio.wait_for(first_piece_arrives(), timeout=5)
+        assert not sending.done() and fake.count("/v1/files") == 0  # the body is still coming in
+    finally:
+        release.set()
+    answer = await sending
+    assert (answer.status, (await answer.json())["bytes"]) == (200, 2 * len(half))
+    assert fake.calls[-1].body.endswith(f"--{boundary}--\r\n".encode())  # the recorded body is the whole body
+
+
+async def test_faults_apply_to_the_upload_routes_after_the_body_is_counted(
+    sdk: openai.AsyncOpenAI, fake: FakeUpstream
+) -> None:
+    fake.inject(path="/v1/files", status=503)
+    with pytest.raises(openai.InternalServerError):
+        await sdk.files.create(file=("a.jsonl", JSONL), purpose="batch")
+    assert fake.upload_bytes_received == len(fake.calls[-1].body) > len(JSONL)
+    assert [file.id async for file in sdk.files.list()] == []  # the fault replaced the answer: nothing stored
+    assert (await sdk.files.create(file=("a.jsonl", JSONL), purpose="batch")).bytes == len(JSONL)
+
+
 # ----------------------------------------------------------------------------- headers and auth
 
 
