@@ -253,3 +253,37 @@ async def test_an_upload_fails_over_when_the_first_upstream_refuses_the_connecti
     status, _, body = await send(gateway.base_url + "/files", payload)
     assert status == 200, body
     assert upstream.bodies == [payload]
+
+
+# ------------------------------------------------------------------ through the official SDK
+
+
+async def test_the_sdk_uploads_a_file_over_max_body_bytes_and_reads_it_back(gateway_kit, fake_upstream):
+    import openai
+
+    gateway = await gateway_kit.start({"server": {"max_body_bytes": 65536}})
+    data = b"".join(b'{"custom_id":"r%d","method":"POST","url":"/v1/embeddings","body":{}}\n' % i for i in range(20_000))
+    assert len(data) > 65536 * 10
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
+        created = await client.files.create(file=("batch.jsonl", data), purpose="batch")
+        assert (created.bytes, created.filename, created.purpose) == (len(data), "batch.jsonl", "batch")
+        assert fake_upstream.upload_bytes_received > len(data)  # the multipart body, file and all
+        assert (await client.files.retrieve(created.id)).id == created.id
+        assert (await client.files.content(created.id)).read() == data
+        assert (await client.files.delete(created.id)).deleted is True
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(created.id)
+
+
+async def test_the_sdk_uploads_a_file_in_parts_through_the_gateway(gateway_kit, fake_upstream):
+    import openai
+
+    gateway = await gateway_kit.start({"server": {"max_body_bytes": 65536}})
+    data = os.urandom(300_000)
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
+        upload = await client.uploads.upload_file_chunked(file=data, filename="training.jsonl", bytes=len(data),
+                                                          mime_type="text/jsonl", purpose="fine-tune", part_size=100_000)
+        assert upload.status == "completed" and upload.file is not None
+        assert (await client.files.content(upload.file.id)).read() == data
+    parts = [call for call in fake_upstream.calls if call.path.endswith("/parts")]
+    assert len(parts) == 3
