@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from gatekeeper.errors import GatewayError
 
-__all__ = ["FormPart", "parse_form", "form_field", "boundary_of"]
+__all__ = ["FormPart", "parse_form", "form_field", "boundary_of", "part_head"]
 
 
 @dataclass(slots=True)
@@ -49,6 +49,20 @@ def _header_params(value: str) -> dict[str, str]:
     return params
 
 
+def part_head(head: bytes) -> tuple[str | None, str | None, str | None]:
+    """The name, filename and Content-Type of a part, from its header lines."""
+    name = filename = part_type = None
+    for line in head.decode("utf-8", "replace").split("\r\n"):
+        header, _, value = line.partition(":")
+        header = header.strip().lower()
+        if header == "content-disposition":
+            params = _header_params(value)
+            name, filename = params.get("name"), params.get("filename")
+        elif header == "content-type":
+            part_type = value.strip()
+    return name, filename, part_type
+
+
 def parse_form(content_type: str, body: bytes) -> list[FormPart]:
     """Every part of a multipart body, in order. Raises a 400 GatewayError when it is malformed."""
     boundary = boundary_of(content_type)
@@ -68,15 +82,7 @@ def parse_form(content_type: str, body: bytes) -> list[FormPart]:
         next_delimiter = body.find(b"\r\n" + delimiter, position)
         if header_end < 0 or next_delimiter < 0 or header_end > next_delimiter:
             raise GatewayError(400, "Invalid multipart/form-data request: a part is truncated.")
-        name = filename = part_type = None
-        for line in body[position:header_end].decode("utf-8", "replace").split("\r\n"):
-            header, _, value = line.partition(":")
-            header = header.strip().lower()
-            if header == "content-disposition":
-                params = _header_params(value)
-                name, filename = params.get("name"), params.get("filename")
-            elif header == "content-type":
-                part_type = value.strip()
+        name, filename, part_type = part_head(body[position:header_end])
         if name is None:
             raise GatewayError(400, "Invalid multipart/form-data request: a part has no name.")
         parts.append(FormPart(name, filename, part_type, view[header_end + 4 : next_delimiter]))

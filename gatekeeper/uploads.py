@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
@@ -38,10 +38,12 @@ class Upload:
     """The body of a flow that streams upstream; what the forwarder sends instead of `flow.body`.
 
     `error` is set when the client's side ended the body (too large, silent too long, broken
-    encoding, gone): the forwarder answers with it instead of blaming the upstream.
+    encoding, gone): the forwarder answers with it instead of blaming the upstream. A plugin that
+    must see the body (the audit hashes the files in it) appends a callable to `observers` before
+    `forward_request`: each gets every chunk, in order, as it goes upstream.
     """
 
-    __slots__ = ("_content", "_limit", "_stall_s", "bytes_read", "started", "complete", "error")
+    __slots__ = ("_content", "_limit", "_stall_s", "bytes_read", "started", "complete", "error", "observers")
 
     def __init__(self, content: StreamReader, limit: int, stall_s: float) -> None:
         self._content = content
@@ -51,6 +53,7 @@ class Upload:
         self.started = False  # its first chunk has been read for an upstream: it can't be sent again
         self.complete = False  # the client sent all of it
         self.error: GatewayError | None = None
+        self.observers: list[Callable[[bytes], None]] = []
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives. Any number of these may be made, but only one read: an attempt
@@ -81,6 +84,8 @@ class Upload:
             if self.bytes_read > self._limit:
                 raise self._fail(GatewayError(413, f"Request body is larger than the gateway's limit of {self._limit} "
                                                    "bytes.", code="request_too_large"))
+            for observe in self.observers:
+                observe(chunk)
             yield chunk
 
     def _fail(self, error: GatewayError) -> GatewayError:

@@ -40,6 +40,7 @@ from gatekeeper_plugins.audit_record import (
     normalized_input_hashes,
     request_facts,
 )
+from gatekeeper_plugins.audit_uploads import UploadFileHasher
 from gatekeeper_plugins.audit_writer import BATCH_MAX_RECORDS, BATCH_WINDOW_S, AuditLog, AuditUnavailable
 
 if TYPE_CHECKING:
@@ -199,6 +200,12 @@ class Plugin:
         """Refuse while records can't be written, before anything is forwarded (or billed)."""
         if self.required and self.log.broken:
             raise _unavailable()
+        if flow.upload is not None:
+            # An upload streams upstream unread: its files are hashed on the way (input_file_sha256).
+            hasher = UploadFileHasher(flow.headers.get("Content-Type", ""))
+            flow.upload.observers.append(hasher.feed)
+            self._state(flow)["upload"] = hasher
+            return
         if self._hashes_inputs_off_loop(flow):
             # Large edits: hash the inputs in a worker thread while the upstream works.
             try:
@@ -246,7 +253,7 @@ class Plugin:
         if unhashed is not None:
             self._keep_image_facts(flow, _analyze(flow.route, unhashed, self._is_event_stream(flow)))
         flow.scratch[self.name] = {"submitted": True}
-        self._collect(capture(flow, None, flow.annotations, None, self.log_prompts))
+        self._collect(self._capture(flow, None, flow.annotations, None))
         return None
 
     def _complete_later(self, flow: Flow, held: int) -> asyncio.Task[None]:
@@ -260,13 +267,13 @@ class Plugin:
             await self._analyze_images_in_thread(flow)
         except Exception:  # the record is kept without the image facts rather than lost
             log.exception("audit could not read the returned images", request_id=flow.request_id)
-        self._collect(capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None, self.log_prompts))
+        self._collect(self._capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None))
 
     async def _complete_and_wait(self, flow: Flow) -> None:
         """``always`` mode: the response waits until its record is on disk."""
         if self._unhashed_images(flow) is not None:
             await self._analyze_images_in_thread(flow)
-        record = capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None, self.log_prompts)
+        record = self._capture(flow, await self._request_facts_in_thread(flow), flow.annotations, None)
         state = self._state(flow)
         state["submitted"] = True
         must_wait = not self.log.broken
@@ -287,7 +294,7 @@ class Plugin:
         if state.get("submitted"):
             return
         images = flow.annotations if "output_image_sha256" in flow.annotations else None
-        record = capture(flow, await self._request_facts_in_thread(flow), images, error, self.log_prompts)
+        record = self._capture(flow, await self._request_facts_in_thread(flow), images, error)
         state["submitted"] = True
         if not self.wait_for_disk:
             self._collect(record)
@@ -299,6 +306,17 @@ class Plugin:
                 await asyncio.shield(written)
             except AuditUnavailable:
                 pass  # still queued and retried; the writer logged the failure
+
+    def _capture(self, flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | None,
+                 error: BaseException | None) -> RequestRecord:
+        record = capture(flow, facts, images, error, self.log_prompts)
+        if flow.upload is not None:
+            record.upload_bytes = flow.upload.bytes_read
+            hasher = self._state(flow).get("upload")
+            record.input_file_sha256 = (
+                [digest for digest, _ in files] if hasher is not None and flow.upload.complete
+                and (files := hasher.finish()) is not None else None)
+        return record
 
     def _state(self, flow: Flow) -> dict[str, Any]:
         state = flow.scratch.get(self.name)

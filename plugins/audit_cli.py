@@ -2,6 +2,7 @@
 
     gatekeeper audit verify [PATH ...] [--config FILE]     exit 0: intact; 1: names the first bad seq
     gatekeeper audit find-image IMAGE [--config FILE | --path LOG]
+    gatekeeper audit find-file FILE [--config FILE | --path LOG]
     gatekeeper audit search [--tenant T] [--since D] [--upstream-request-id ID] ... [--config | --path]
 
 Without PATHs, the files of ``[audit] path`` (rotated ones first) are read. The HMAC key comes
@@ -170,13 +171,22 @@ def _print_matches(files: list[Path], wanted: Callable[[bytes, dict[str, Any]], 
 
 def cmd_find_image(args: argparse.Namespace) -> int:
     digest = hashlib.sha256(Path(args.image).read_bytes()).hexdigest()
+    return _find_digest(args, digest, "output_image_sha256", "returned an image")
+
+
+def cmd_find_file(args: argparse.Namespace) -> int:
+    with open(args.file, "rb") as sent:
+        digest = hashlib.file_digest(sent, "sha256").hexdigest()
+    return _find_digest(args, digest, "input_file_sha256", "sent a file upstream")
+
+
+def _find_digest(args: argparse.Namespace, digest: str, field: str, what: str) -> int:
+    """Print the records whose `field` (a list of digests) holds `digest`; exit 1 when none does."""
     needle = digest.encode()
-    found = _print_matches(
-        _files(_live_path(args)),
-        lambda line, record: needle in line and digest in (record.get("output_image_sha256") or ()),
-    )
+    found = _print_matches(_files(_live_path(args)),
+                           lambda line, record: needle in line and digest in (record.get(field) or ()))
     if not found:
-        print(f"no audit record returned an image with sha256 {digest}", file=sys.stderr)
+        print(f"no audit record {what} with sha256 {digest}", file=sys.stderr)
         return 1
     return 0
 
@@ -252,6 +262,11 @@ def add_audit_commands(subparsers: argparse._SubParsersAction) -> None:
     find.add_argument("image", metavar="IMAGE", help="an image file saved from a response")
     _add_source_arguments(find)
     find.set_defaults(func=cmd_find_image)
+
+    find_file = commands.add_parser("find-file", help="print the record(s) of uploads that sent this file upstream")
+    find_file.add_argument("file", metavar="FILE", help="a file as it was uploaded (the Files API, Uploads API parts)")
+    _add_source_arguments(find_file)
+    find_file.set_defaults(func=cmd_find_file)
 
     search = commands.add_parser("search", help="print records matching every filter given, as JSON lines")
     _add_source_arguments(search)

@@ -215,6 +215,7 @@ class RequestRecord(msgspec.Struct, gc=False):
     client_ip: str | None
     cost_usd: Decimal | None
     error: str | None
+    input_file_sha256: list[str] | None | UnsetType  # only for uploads
     input_image_sha256: list[str] | None
     key_id: str | None
     latency_ms: float
@@ -238,6 +239,7 @@ class RequestRecord(msgspec.Struct, gc=False):
     time_end: str
     time_start: str
     type: str
+    upload_bytes: int | UnsetType  # only for uploads
     upstream: str | None
     upstream_request_id: str | None
     usage: dict[str, Any] | msgspec.Raw | None
@@ -268,6 +270,7 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
         flow.client_ip,  # client_ip
         flow.cost_usd,  # cost_usd
         _error_code(error) if error is not None else None,  # error
+        UNSET,  # input_file_sha256
         None,  # input_image_sha256
         principal.key_id if principal else None,  # key_id
         flow.elapsed_ms,  # latency_ms
@@ -291,6 +294,7 @@ def capture(flow: Flow, facts: RequestFacts | None, images: dict[str, Any] | Non
         "",  # time_end
         "",  # time_start
         "request",  # type
+        UNSET,  # upload_bytes
         flow.upstream_name,  # upstream
         flow.upstream_request_id,  # upstream_request_id
         flow.usage,  # usage
