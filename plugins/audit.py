@@ -235,7 +235,7 @@ class Plugin:
         if self.wait_for_disk:
             return self._complete_and_wait(flow)
         unhashed = self._unhashed_images(flow)
-        if (self.name in flow.scratch  # a facts task from check_request
+        if (self._facts_task(flow) is not None  # from check_request
                 or (unhashed is not None and len(unhashed) > OFF_LOOP_BYTES) or self._hashes_inputs_off_loop(flow)):
             # Nothing waits for a batch record, so the client need not wait for the hashing
             # either: the record is built when the worker thread is done, and the cache stores
@@ -252,7 +252,7 @@ class Plugin:
             return None
         if unhashed is not None:
             self._keep_image_facts(flow, _analyze(flow.route, unhashed, self._is_event_stream(flow)))
-        flow.scratch[self.name] = {"submitted": True}
+        self._state(flow)["submitted"] = True
         self._collect(self._capture(flow, None, flow.annotations, None))
         return None
 

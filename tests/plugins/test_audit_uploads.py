@@ -52,6 +52,20 @@ async def test_a_files_api_upload_is_recorded_with_the_sha256_of_the_file(gatewa
     assert "input_file_sha256" not in image and "upload_bytes" not in image
 
 
+async def test_a_batch_mode_record_has_the_file_digests_too(gateway_kit, tmp_path):
+    gateway = await gateway_kit.start({"audit": {"fsync": "batch"}})
+    data = os.urandom(100_000)
+    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
+        await client.files.create(file=("batch.jsonl", data), purpose="batch")
+    for _ in range(100):  # written within the batch window
+        path = tmp_path / "audit" / "gatekeeper-audit.jsonl"
+        if path.exists() and path.read_bytes():
+            break
+        await asyncio.sleep(0.05)
+    [record] = records(tmp_path)
+    assert record["input_file_sha256"] == [sha(data)]
+
+
 async def test_find_file_prints_the_record_of_the_upload_that_sent_a_file(gateway_kit, tmp_path):
     gateway = await gateway_kit.start()
     sent, other = os.urandom(10_000), os.urandom(10_000)
