@@ -189,10 +189,10 @@ class Gateway:
 
     async def expect_continue(self, request: web.Request) -> None:
         """``Expect: 100-continue`` as nginx answers it, but no ``100 Continue`` for a body the
-        pipeline will refuse unread (over `max_body_bytes` or, for an upload, `max_upload_bytes`; or at
-        the concurrency limit): the
-        client gets the refusal without sending the body. Other expectations are ignored, as
-        nginx ignores them, rather than answered with aiohttp's plain-text 417."""
+        pipeline will refuse unread (over `max_body_bytes`, or `max_upload_bytes` for an upload,
+        or at the concurrency limit): the client gets the refusal without sending the body.
+        Other expectations are ignored, as nginx ignores them, rather than answered with
+        aiohttp's plain-text 417."""
         if request.version != HttpVersion11 or request.headers.get("Expect", "").lower() != "100-continue":
             return
         path = self._paths.get(request.raw_path) or self._normalized_path(request.raw_path)
