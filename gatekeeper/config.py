@@ -65,7 +65,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: int = 64 * 1024 * 1024
     # POST bodies to these paths go upstream as they arrive instead of being read whole first
     # (gatekeeper/uploads.py): file uploads, which no stage reads. "*" is one path segment.
-    upload_paths: list[str] = msgspec.field(default_factory=lambda: ["/v1/files", "/v1/uploads/*/parts"])
+    upload_paths: list[str] = msgspec.field(
+        default_factory=lambda: ["/v1/files", "/v1/uploads/*/parts", "/v1/containers/*/files"])
     max_upload_bytes: PositiveInt = 512 * 1024 * 1024  # the Files API's own limit per file
     max_concurrency: NonNegativeInt = 512  # 0: no limit
     header_timeout_s: PositiveFloat = 10.0  # the whole request head, from its first byte (or from connect)

@@ -1,8 +1,8 @@
 """Request bodies that go upstream as they arrive: ``[server] upload_paths`` and ``max_upload_bytes``.
 
-A file upload (the Files API takes files of up to 512 MB, an Uploads API part up to 64 MB) is a
-body no stage needs to read: it is never cached, has no prompt to normalize and no usage to
-meter. Read whole first, it would be held in memory and capped by `max_body_bytes`. Instead the
+A file upload (the Files API takes files of up to 512 MB, an Uploads API part up to 64 MB, the
+Containers API a file for a code interpreter) is a body no stage needs to read: it is never
+cached, has no prompt to normalize and no usage to meter. Read whole first, it would be held in memory and capped by `max_body_bytes`. Instead the
 forwarder sends it upstream chunk by chunk as the client sends it, as nginx does with
 ``proxy_request_buffering off``. Such a flow has ``flow.body == b""`` and ``flow.upload`` set.
 

@@ -80,7 +80,7 @@ def test_check_config_prints_what_each_plugin_will_do(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{path}: OK" in out
     assert "forward" in out and "http://127.0.0.1:1/v1" in out
-    assert "up to 536870912 bytes: POST /v1/files, /v1/uploads/*/parts" in out
+    assert "up to 536870912 bytes: POST /v1/files, /v1/uploads/*/parts, /v1/containers/*/files" in out
     assert "sk-x" not in out
 
 

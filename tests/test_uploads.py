@@ -106,13 +106,15 @@ async def test_the_upstream_gets_the_first_bytes_before_the_client_has_sent_the_
     assert "Content-Length" not in upstream.headers[0]  # the client sent it chunked; so does the gateway
 
 
-async def test_an_upload_paths_part_streams_and_other_upload_routes_do_not(gateway_kit, custom_upstream):
+async def test_upload_parts_and_container_files_stream_and_other_upload_routes_do_not(gateway_kit, custom_upstream):
     upstream = RecordingUpstream()
     gateway = await gateway_kit.start({"server": {"max_body_bytes": 1024},
                                        "upstream": {"base_url": await custom_upstream(upstream.handle)}})
     part = os.urandom(10_000)
     status, _, _ = await send(gateway.base_url + "/uploads/upload_abc/parts", part)
     assert status == 200 and upstream.bodies == [part]
+    status, _, _ = await send(gateway.base_url + "/containers/cntr_abc/files", part)
+    assert status == 200 and upstream.bodies == [part, part]
     status, _, body = await send(gateway.base_url + "/uploads/upload_abc/complete", part)
     assert status == 413 and error_of(body)["code"] == "request_too_large"
 
