@@ -289,3 +289,19 @@ async def test_the_sdk_uploads_a_file_in_parts_through_the_gateway(gateway_kit, 
         assert (await client.files.content(upload.file.id)).read() == data
     parts = [call for call in fake_upstream.calls if call.path.endswith("/parts")]
     assert len(parts) == 3
+
+
+async def test_a_gzip_upload_goes_upstream_decoded_and_a_broken_one_is_a_400(gateway_kit, custom_upstream):
+    import gzip
+
+    upstream = RecordingUpstream()
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    payload = os.urandom(50_000)
+    status, _, _ = await send(gateway.base_url + "/files", gzip.compress(payload), {"Content-Encoding": "gzip"})
+    assert status == 200 and upstream.bodies == [payload]
+    assert "Content-Encoding" not in upstream.headers[0]
+    assert upstream.headers[0].get("Content-Length") != str(len(gzip.compress(payload)))  # not the compressed length
+    status, headers, body = await send(gateway.base_url + "/files", b"\x1f\x8b not gzip at all" * 100,
+                                       {"Content-Encoding": "gzip"})
+    assert status == 400 and headers["x-request-id"]
+    assert error_of(body)["code"] == "invalid_request_body"
