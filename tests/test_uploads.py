@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 
@@ -15,6 +16,7 @@ import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from gatekeeper.config import ConfigError, parse_config
 from gatekeeper.server import start_gateway
@@ -291,7 +293,7 @@ async def test_the_sdk_uploads_a_file_in_parts_through_the_gateway(gateway_kit, 
     assert len(parts) == 3
 
 
-async def test_a_gzip_upload_goes_upstream_decoded_and_a_broken_one_is_a_400(gateway_kit, custom_upstream):
+async def test_a_gzip_upload_goes_upstream_decoded_and_a_broken_one_is_a_400(gateway_kit, custom_upstream, caplog):
     import gzip
 
     upstream = RecordingUpstream()
@@ -301,7 +303,13 @@ async def test_a_gzip_upload_goes_upstream_decoded_and_a_broken_one_is_a_400(gat
     assert status == 200 and upstream.bodies == [payload]
     assert "Content-Encoding" not in upstream.headers[0]
     assert upstream.headers[0].get("Content-Length") != str(len(gzip.compress(payload)))  # not the compressed length
-    status, headers, body = await send(gateway.base_url + "/files", b"\x1f\x8b not gzip at all" * 100,
-                                       {"Content-Encoding": "gzip"})
+    caplog.set_level(logging.DEBUG)
+    with capture_logs() as logs:
+        status, headers, body = await send(gateway.base_url + "/files", b"\x1f\x8b not gzip at all" * 100,
+                                           {"Content-Encoding": "gzip"})
+        await asyncio.sleep(0.05)
     assert status == 400 and headers["x-request-id"]
     assert error_of(body)["code"] == "invalid_request_body"
+    # The client's broken body is neither a gateway error nor the upstream's failure.
+    assert [entry for entry in logs if entry["log_level"] in ("warning", "error")] == []
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
