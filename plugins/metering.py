@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import sys
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 from time import perf_counter
 from typing import Any
@@ -40,6 +41,13 @@ from gatekeeper_plugins.metering_report import (
     render,
     render_budgets,
     run_report,
+)
+from gatekeeper_plugins.metering_retention import (
+    add_prune_command,
+    parse_before,
+    prune_once,
+    prune_periodically,
+    report_pruned,
 )
 from gatekeeper_plugins.metering_store import UsageRow, UsageStore
 from gatekeeper_plugins.metering_usage import (
@@ -127,6 +135,7 @@ class Plugin:
         self.writer: BatchWriter | None = None
         self.metrics: MeteringMetrics | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None  # held so the loop keeps a reference
         self._warned: BoundedMemo[str, float] = BoundedMemo(1000)  # when each warning was last logged
         self._take_settings(self.settings)
@@ -145,7 +154,8 @@ class Plugin:
     def describe(self) -> str:
         budgets = len(self.settings.budgets) + len(self.settings.key_budgets)
         where = self.settings.database.split("@")[-1] if "@" in self.settings.database else self.settings.database
-        return f"records usage to {where} (table {self.settings.table}); {budgets} budget(s)"
+        kept = f"; rows kept {self.settings.retention_days} days" if self.settings.retention_days else ""
+        return f"records usage to {where} (table {self.settings.table}); {budgets} budget(s){kept}"
 
     # ------------------------------------------------------------ lifecycle
 
@@ -163,16 +173,19 @@ class Plugin:
         if self.ledger:
             await self.ledger.refresh(self.store, self.writer)
         self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_budgets(), name="metering-budgets")
+        self._prune_task = asyncio.get_running_loop().create_task(
+            prune_periodically(self.store, lambda: self.settings.retention_days), name="metering-retention")
 
     @hookimpl
     async def shutdown(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            try:
-                await self._refresh_task
-            except asyncio.CancelledError:
-                pass
-            self._refresh_task = None
+        for task in (self._refresh_task, self._prune_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._refresh_task = self._prune_task = None
         if self.writer is not None:
             await self.writer.close()
         await self.store.close()
@@ -546,6 +559,7 @@ class Plugin:
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     add_usage_command(subparsers, cmd_usage)
     add_budgets_command(subparsers, cmd_budgets)
+    add_prune_command(subparsers, cmd_prune_usage)
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -588,4 +602,26 @@ def cmd_budgets(args: argparse.Namespace) -> int:
         return budget_records(ledger.statuses())
 
     sys.stdout.write(render_budgets(asyncio.run(statuses()), args.format))
+    return 0
+
+
+def cmd_prune_usage(args: argparse.Namespace) -> int:
+    """Delete (or with --dry-run count) the usage rows from before a date."""
+    config = load_config(args.config)
+    settings = load_settings(config)
+    try:
+        before = parse_before(args.before, datetime.now(UTC))
+    except ValueError as error:
+        print(f"gatekeeper prune-usage: {error}", file=sys.stderr)
+        return 2
+
+    async def prune() -> int:
+        store = store_from_settings(config, settings)
+        await store.open(create=False)
+        try:
+            return await prune_once(store, before, args.dry_run)
+        finally:
+            await store.close()
+
+    report_pruned(asyncio.run(prune()), before, args.dry_run)
     return 0

@@ -11,6 +11,7 @@ import msgspec
 from gatekeeper.config import Config, ConfigError, decode_section
 from gatekeeper_plugins.metering_budgets import Budget
 from gatekeeper_plugins.metering_prices import ModelPrice
+from gatekeeper_plugins.metering_retention import MIN_RETENTION_DAYS
 from gatekeeper_plugins.metering_store import IDENTIFIER, UsageStore, store_for_url
 
 __all__ = ["MeteringConfig", "load_settings", "store_from_settings"]
@@ -28,6 +29,7 @@ class MeteringConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chat_stream_without_usage: Literal["unmetered", "refuse"] = "unmetered"
     default_estimate_usd: Decimal = Decimal(0)
     budget_refresh_s: float = 10.0
+    retention_days: int = 0  # rows older than this are deleted (0: keep every row); at least 32
     budgets: dict[str, Budget] = msgspec.field(default_factory=dict)
     key_budgets: dict[str, Budget] = msgspec.field(default_factory=dict)
     prices: dict[str, ModelPrice] = msgspec.field(default_factory=dict)
@@ -47,6 +49,9 @@ class MeteringConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("batch_rows, flush_interval_ms, max_queue_rows and pool_size must be at least 1")
         if self.budget_refresh_s <= 0:
             raise ValueError("budget_refresh_s must be positive")
+        if self.retention_days and self.retention_days < MIN_RETENTION_DAYS:
+            raise ValueError(f"retention_days must be 0 (keep every row) or at least {MIN_RETENTION_DAYS}: "
+                             "budgets sum the rows of the current month")
 
 
 def load_settings(config: Config) -> MeteringConfig:

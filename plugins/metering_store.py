@@ -102,6 +102,11 @@ class ReportQuery:
 ReportRow = tuple[Any, ...]
 
 
+# Rows deleted per statement when pruning: each statement is its own short transaction, so the
+# writers of the gateway (and of other replicas) wait milliseconds for the lock, not seconds.
+DELETE_CHUNK_ROWS = 2000
+
+
 class UsageStore(Protocol):
     kind: str
 
@@ -110,6 +115,7 @@ class UsageStore(Protocol):
     async def insert(self, rows: list[UsageRow]) -> None: ...
     async def spent_since(self, start: datetime, column: str) -> dict[str, int]: ...
     async def report(self, query: ReportQuery) -> list[ReportRow]: ...
+    async def delete_before(self, before: datetime, chunk_rows: int = DELETE_CHUNK_ROWS) -> int: ...
 
 
 def _utc_text(when: datetime) -> str:
@@ -369,6 +375,25 @@ class SqliteStore:
                                   _sums("cache_hit", "unmetered"), lambda _n: "?")
         return _normalise(await self._fetch(sql, params), len(query.group_by))
 
+    async def delete_before(self, before: datetime, chunk_rows: int = DELETE_CHUNK_ROWS) -> int:
+        """Delete the rows older than `before`, a chunk per transaction; how many were deleted.
+        Space freed in the file is reused by new rows (the file does not shrink without VACUUM)."""
+        sql = (f"DELETE FROM {self.table} WHERE rowid IN "
+               f"(SELECT rowid FROM {self.table} WHERE ts < ? LIMIT {int(chunk_rows)})")
+        deleted = 0
+        while True:
+            try:
+                cursor = await self._db.execute(sql, [_utc_text(before)])
+            except sqlite3.OperationalError as error:
+                if "no such table" in str(error):
+                    return deleted
+                raise
+            count = cursor.rowcount
+            await cursor.close()
+            deleted += count
+            if count < chunk_rows:
+                return deleted
+
 
 # ---------------------------------------------------------------- PostgreSQL
 
@@ -447,6 +472,24 @@ class PostgresStore:
                                   "labels->>'{name}'", _sums("cache_hit::int", "unmetered::int"),
                                   lambda n: f"${n}")
         return _normalise(await self._fetch(sql, params), len(query.group_by))
+
+    async def delete_before(self, before: datetime, chunk_rows: int = DELETE_CHUNK_ROWS) -> int:
+        """Delete the rows older than `before`, a chunk per transaction; how many were deleted."""
+        import asyncpg
+
+        sql = (f"DELETE FROM {self.table} WHERE ctid = ANY(ARRAY("
+               f"SELECT ctid FROM {self.table} WHERE ts < $1 LIMIT {int(chunk_rows)}))")
+        deleted = 0
+        async with self._pool.acquire() as connection:
+            while True:
+                try:
+                    status = await connection.execute(sql, before)
+                except asyncpg.UndefinedTableError:
+                    return deleted
+                count = int(status.rsplit(" ", 1)[-1])  # "DELETE 2000"
+                deleted += count
+                if count < chunk_rows:
+                    return deleted
 
 
 def _row_values(row: UsageRow, ts: Any, labels: str) -> tuple[Any, ...]:
