@@ -1088,7 +1088,12 @@ class FakeUpstream:
 
         async def handler(request: web.Request) -> web.StreamResponse:
             request[_STARTED_AT] = time.monotonic()
-            body = await (self._read_counted(request) if counted else request.read())
+            try:
+                body = await (self._read_counted(request) if counted else request.read())
+            except ConnectionResetError:
+                # The sender left mid-body (a gateway cutting an upload short): nobody to answer,
+                # nothing to record, and no traceback in the fake's log.
+                return web.Response(status=400)
             self.calls.append(
                 RecordedCall(request.method, request.path, CIMultiDict(request.headers), body, time.monotonic())
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import struct
 import time
@@ -658,6 +659,26 @@ async def test_upload_bytes_are_counted_as_they_arrive_before_the_body_ends(
     answer = await sending
     assert (answer.status, (await answer.json())["bytes"]) == (200, 2 * len(half))
     assert fake.calls[-1].body.endswith(f"--{boundary}--\r\n".encode())  # the recorded body is the whole body
+
+
+async def test_an_upload_cut_short_is_dropped_quietly(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake = FakeUpstream(api_key=API_KEY)
+    host, port = (await fake.start()).split("//")[1].split("/")[0].split(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/files HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer " + API_KEY.encode()
+                     + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+                     + b"x" * 50_000)
+        await writer.drain()
+        while fake.upload_bytes_received < 50_000:
+            await asyncio.sleep(0.005)
+        writer.close()
+        await asyncio.sleep(0.2)  # the fake sees the connection go
+    finally:
+        await fake.stop()
+    assert fake.calls == []
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
 async def test_faults_apply_to_the_upload_routes_after_the_body_is_counted(
