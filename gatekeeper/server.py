@@ -158,6 +158,12 @@ async def _serve(config: Config, ready_message: str | None = None) -> None:
             return
         if (running.tls is not None) != bool(fresh.server.tls_cert_file):
             log.warning("turning HTTPS on or off ([server] tls_cert_file) takes effect on restart")
+        changed = [name for name in fresh.server.__struct_fields__
+                   if name not in ("tls_cert_file", "tls_key_file")
+                   and getattr(fresh.server, name) != getattr(config.server, name)]
+        if changed:
+            # The listener, the limits and the guards were built from the [server] section at start.
+            log.warning("[server] settings take effect on restart only", keys=changed)
         reloading = asyncio.ensure_future(gateway.reload(fresh))
         reloads.add(reloading)  # held until done: the loop keeps only a weak reference to a task
         reloading.add_done_callback(reloads.discard)
