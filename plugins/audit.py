@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
+from aiohttp import web
 
 from gatekeeper import hookimpl
 from gatekeeper.config import Config, ConfigError
 from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome
 from gatekeeper.logs import get_logger, register_secret, register_url_secrets
+from gatekeeper_plugins.audit_chain import log_files
+from gatekeeper_plugins.audit_cli import parse_search_query, search_filters, search_lines
 from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body, analyze_responses_body
 from gatekeeper_plugins.audit_pg import TABLE_NAME, PostgresCheckpoints
 from gatekeeper_plugins.audit_record import (
@@ -180,6 +183,26 @@ class Plugin:
             report["postgres_checkpoint_seq"] = self.checkpoints.stored_seq
             report["postgres_error"] = self.checkpoints.error
         return report
+
+    @hookimpl
+    def register_routes(self) -> list[web.RouteDef]:
+        return [web.get("/admin/audit", self.search_route)]
+
+    async def search_route(self, request: web.Request) -> web.Response:
+        """``GET /admin/audit?tenant=&since=&...&limit=``: this process's records that pass every
+        filter, as stored (one JSON line each, oldest first), what ``gatekeeper audit search`` prints.
+        The files are read in a worker thread; past `limit` records the answer says it was cut."""
+        try:
+            values, limit = parse_search_query(request.query)
+        except ValueError as error:
+            param, message = error.args
+            raise GatewayError(400, message, param=param, code="invalid_audit_query") from None
+        filters = search_filters(values)
+        lines = await asyncio.to_thread(lambda: list(search_lines(log_files(self.path), filters, limit + 1)))
+        truncated = len(lines) > limit
+        body = b"".join(line + b"\n" for line in lines[:limit])
+        return web.Response(body=body, content_type="application/x-ndjson",
+                            headers={"x-gatekeeper-truncated": "true" if truncated else "false"})
 
     @hookimpl
     def reload_config(self, gateway: Gateway, config: Config) -> None:

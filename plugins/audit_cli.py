@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -218,20 +218,68 @@ def _record_time(record: dict[str, Any]) -> datetime.datetime | None:
         return None
 
 
-def _search_filters(args: argparse.Namespace) -> Iterator[Callable[[dict[str, Any]], bool]]:
-    for field in ("tenant", "upstream_request_id", "request_id", "key_id", "outcome", "model", "type"):
-        value = getattr(args, field)
+SEARCH_FIELDS = ("tenant", "upstream_request_id", "request_id", "key_id", "outcome", "model", "type")
+
+
+def search_filters(values: Mapping[str, Any]) -> list[Callable[[dict[str, Any]], bool]]:
+    """The checks a record must pass: each of `SEARCH_FIELDS` given in `values` equals the record's,
+    and its `time_start` is at or after `since` and before `until` (datetimes) when given."""
+    filters: list[Callable[[dict[str, Any]], bool]] = []
+    for field in SEARCH_FIELDS:
+        value = values.get(field)
         if value is not None:
-            yield lambda record, field=field, value=value: record.get(field) == value
-    if args.since is not None:
-        yield lambda record: (moment := _record_time(record)) is not None and moment >= args.since
-    if args.until is not None:
-        yield lambda record: (moment := _record_time(record)) is not None and moment < args.until
+            filters.append(lambda record, field=field, value=value: record.get(field) == value)
+    since, until = values.get("since"), values.get("until")
+    if since is not None:
+        filters.append(lambda record: (moment := _record_time(record)) is not None and moment >= since)
+    if until is not None:
+        filters.append(lambda record: (moment := _record_time(record)) is not None and moment < until)
+    return filters
+
+
+def search_lines(files: list[Path], filters: list[Callable[[dict[str, Any]], bool]],
+                 limit: int | None = None) -> Iterator[bytes]:
+    """The stored lines of the records that pass every filter, oldest first, at most `limit`."""
+    count = 0
+    for line, record, _ in iter_records(files):
+        if record is not None and all(check(record) for check in filters):
+            if limit is not None and count == limit:
+                return
+            count += 1
+            yield line
+
+
+SEARCH_LIMIT, SEARCH_MAX_LIMIT = 1000, 100_000
+
+
+def parse_search_query(query: Mapping[str, str]) -> tuple[dict[str, Any], int]:
+    """The filters and the limit of ``GET /admin/audit``'s query; ValueError(param, message) for a
+    parameter that is unknown or won't parse."""
+    values: dict[str, Any] = {}
+    limit = SEARCH_LIMIT
+    for name, value in query.items():
+        if name in SEARCH_FIELDS:
+            values[name] = value
+        elif name in ("since", "until"):
+            try:
+                values[name] = parse_since(value)
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(name, f"{name}: {error}") from None
+        elif name == "limit":
+            if not value.isdigit() or not 1 <= int(value) <= SEARCH_MAX_LIMIT:
+                raise ValueError(name, f"limit must be a whole number from 1 to {SEARCH_MAX_LIMIT}")
+            limit = int(value)
+        else:
+            known = ", ".join((*SEARCH_FIELDS, "since", "until", "limit"))
+            raise ValueError(name, f"unknown parameter {name!r}: use {known}")
+    return values, limit
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    filters = list(_search_filters(args))
-    _print_matches(_files(_live_path(args)), lambda line, record: all(check(record) for check in filters))
+    out = sys.stdout.buffer
+    for line in search_lines(_files(_live_path(args)), search_filters(vars(args))):
+        out.write(line + b"\n")
+    out.flush()
     return 0
 
 
