@@ -78,6 +78,12 @@ class Upload:
                 raise self._fail(GatewayError(400, "The request body could not be read: its chunked encoding or "
                                                    "its Content-Encoding is broken.", code="invalid_request_body")) from None
             if not chunk:
+                if self.bytes_read != content.total_bytes:
+                    # Someone else (a plugin calling request.read()) took part of the body: what
+                    # went upstream is not what the client sent, so the upload must fail.
+                    raise self._fail(GatewayError(
+                        500, "The gateway could not forward the upload: a plugin read its body first.",
+                        type="server_error", code="gateway_error"))
                 self.complete = True
                 return
             self.bytes_read += len(chunk)

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from gatekeeper import hookimpl
 from gatekeeper.config import ConfigError, parse_config
 from gatekeeper.server import start_gateway
 from gatekeeper.testing.kit import CLIENT_KEY, UPSTREAM_KEY
@@ -313,3 +314,23 @@ async def test_a_gzip_upload_goes_upstream_decoded_and_a_broken_one_is_a_400(gat
     # The client's broken body is neither a gateway error nor the upstream's failure.
     assert [entry for entry in logs if entry["log_level"] in ("warning", "error")] == []
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
+class BodyReader:
+    """A plugin that wrongly reads the request body of every flow in check_request."""
+
+    name = "body-reader"
+
+    @hookimpl
+    async def check_request(self, flow) -> None:
+        await flow.request.read()
+
+
+async def test_an_upload_whose_body_a_plugin_took_fails_instead_of_going_upstream_empty(gateway_kit, custom_upstream):
+    upstream = RecordingUpstream()
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle)}},
+                                      plugins=[BodyReader()])
+    # Without the check, the upstream would wait for a body that never comes.
+    status, headers, body = await asyncio.wait_for(send(gateway.base_url + "/files", os.urandom(50_000)), 10)
+    assert status == 500 and error_of(body)["code"] == "gateway_error" and headers["x-request-id"]
+    assert upstream.bodies == []  # never a short or empty upload
