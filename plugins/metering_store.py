@@ -42,7 +42,7 @@ log = get_logger("gatekeeper.metering")
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 LABEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-GROUPS = ("tenant", "model", "key", "day")  # plus "label.NAME"
+GROUPS = ("tenant", "model", "key", "day", "route")  # plus "label.NAME"
 
 _encode_json = msgspec.json.Encoder().encode
 
@@ -169,7 +169,7 @@ def _group_expressions(group_by: tuple[str, ...], day: str, label: str) -> list[
             if not LABEL_NAME.fullmatch(name):
                 raise ValueError(f"invalid label name {name!r}")
             expressions.append(label.format(name=name))  # validated above: safe to inline
-        elif group in ("tenant", "model"):
+        elif group in ("tenant", "model", "route"):
             expressions.append(group)
         else:
             raise ValueError(f"unknown group {group!r}")

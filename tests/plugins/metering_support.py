@@ -114,14 +114,15 @@ def only(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def seed_usage(storage: dict[str, Any], *, tenant: str, key_id: str, cost_micros: int,
-                     when: float | None = None, model: str = "gpt-image-1.5", **fields: Any) -> None:
+                     when: float | None = None, model: str = "gpt-image-1.5", route: str = "images/generations",
+                     **fields: Any) -> None:
     """Write one usage row straight into `storage`, as another replica (or an earlier day) would have."""
     store = store_for_url(storage["database"], storage["table"])
     await store.open(create=True)
     try:
         await store.insert([UsageRow(
             request_id="seed-" + secrets.token_hex(8), time=time.time() if when is None else when, tenant=tenant,
-            key_id=key_id, labels=fields.pop("labels", {}), model=model, route="images/generations", status=200,
+            key_id=key_id, labels=fields.pop("labels", {}), model=model, route=route, status=200,
             outcome="ok", cache_hit=False, stream=False, unmetered=False, cost_micros=cost_micros, **fields)])
     finally:
         await store.close()

@@ -158,6 +158,19 @@ async def test_usage_groups_by_a_label_such_as_department(usage_db, tmp_path):
         ("growth", 1, "0.000011"), ("studio", 2, "0.000012")]
 
 
+async def test_usage_groups_by_route_to_split_image_chat_and_embedding_spend(usage_db, tmp_path):
+    await seed_usage(usage_db, tenant="design", key_id="a", cost_micros=40_000, route="images/generations")
+    await seed_usage(usage_db, tenant="design", key_id="a", cost_micros=2_000, route="images/edits")
+    await seed_usage(usage_db, tenant="design", key_id="a", cost_micros=300, model="gpt-4o", route="chat/completions")
+    await seed_usage(usage_db, tenant="web", key_id="b", cost_micros=50_000, route="images/generations")
+    printed = usage_cli(report_config(tmp_path, usage_db), "--group-by", "route", "--format", "json")
+    assert printed.returncode == 0, printed.stderr
+    assert [(row["route"], row["tenant"], row["model"], row["requests"], row["cost_usd"])
+            for row in json.loads(printed.stdout)] == [
+        ("chat/completions", "*", "*", 1, "0.000300"), ("images/edits", "*", "*", 1, "0.002000"),
+        ("images/generations", "*", "*", 2, "0.090000")]
+
+
 def test_an_unknown_group_is_refused_with_exit_code_2(tmp_path):
     config = report_config(tmp_path, {"database": f"sqlite:///{tmp_path}/none.db", "table": "usage"})
     printed = usage_cli(config, "--group-by", "tenant,colour")
