@@ -1,7 +1,7 @@
 """Usage reports: ``gatekeeper usage`` and ``GET /admin/usage`` print the same rows.
 
 A report sums usage rows between ``since`` (inclusive) and ``until`` (exclusive; a bare date
-includes that whole UTC day), grouped by any of tenant, model, key, day or ``label.NAME``.
+includes that whole UTC day), grouped by any of tenant, model, key, day, route or ``label.NAME``.
 Each row has the group columns (``tenant`` and ``model`` always: ``*`` when not grouped by),
 then requests, cache_hits, input_tokens, output_tokens, cost_usd, saved_usd,
 unpriced_requests and unmetered_requests. Money is an exact string with six decimals.
@@ -191,6 +191,6 @@ def add_usage_command(subparsers: argparse._SubParsersAction, run: Any) -> None:
     parser.add_argument("--since", help="first day or instant to include (YYYY-MM-DD or ISO date-time, UTC)")
     parser.add_argument("--until", help="last day to include, or the instant to stop before (UTC)")
     parser.add_argument("--group-by", default="tenant,model",
-                        help="comma-separated: tenant, model, key, day, label.NAME (default: tenant,model)")
+                        help="comma-separated: tenant, model, key, day, route, label.NAME (default: tenant,model)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     parser.set_defaults(func=run)
