@@ -46,11 +46,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 
 # `gatekeeper serve` runs on uvloop by default ([server] uvloop = "auto") and on asyncio's own loop
 # where uvloop is missing or turned off. What these modules test leans on the transport (slow
-# clients and backpressure, streaming, raw HTTP, the Redis reader's buffered protocol), so their
-# async tests run on both; the rest run on asyncio's.
+# clients and backpressure, streaming, raw HTTP, uploads streamed upstream, the Redis reader's
+# buffered protocol), so their async tests run on both; the rest run on asyncio's.
 BOTH_LOOPS = frozenset({
     "test_forward_slow_clients.py", "test_forward_streams.py", "test_proxy_http.py",
-    "test_sdk_end_to_end.py", "test_cache_backends.py",
+    "test_sdk_end_to_end.py", "test_cache_backends.py", "test_uploads.py",
 })
 
 
