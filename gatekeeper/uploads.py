@@ -37,8 +37,9 @@ def upload_path_pattern(paths: Sequence[str]) -> re.Pattern[str] | None:
 class Upload:
     """The body of a flow that streams upstream; what the forwarder sends instead of `flow.body`.
 
-    `error` is set when the client's side ended the body (too large, silent too long, broken
-    encoding, gone): the forwarder answers with it instead of blaming the upstream. A plugin that
+    `error` is set when the body failed on the gateway's side (too large, silent too long, a
+    broken encoding, part of it taken by a plugin): the forwarder answers with it instead of
+    blaming the upstream. A client that hangs up cancels the flow, as on any route. A plugin that
     must see the body (the audit hashes the files in it) appends a callable to `observers` before
     `forward_request`: each gets every chunk, in order, as it goes upstream.
     """
