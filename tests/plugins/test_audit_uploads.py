@@ -140,3 +140,39 @@ def test_a_body_that_is_not_multipart_is_one_file_and_a_cut_form_is_none():
     cut = UploadFileHasher("multipart/form-data; boundary=b")
     cut.feed(multipart([("file", "a", b"xyz")], "b")[:40])
     assert cut.finish() is None
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_hasher_agrees_with_the_in_memory_form_reader_on_random_forms(seed):
+    """Differential: random forms (any number of parts, files or not, part headers with a
+    Content-Type, contents that hold pieces of the delimiter) fed in random pieces give the digests
+    of exactly the file parts `gatekeeper.multipart.parse_form` finds in the whole body."""
+    from gatekeeper.multipart import parse_form
+
+    rng = random.Random(1000 + seed)
+    boundary = "".join(rng.choice("abcXYZ0123-_'") for _ in range(rng.randint(1, 40)))
+    out = b""
+    for index in range(rng.randint(0, 6)):
+        headers = f'Content-Disposition: form-data; name="f{index}"'
+        if rng.random() < 0.6:
+            headers += f'; filename="file {index}.bin"'
+        if rng.random() < 0.5:
+            headers += "\r\nContent-Type: application/octet-stream"
+        while True:  # as a client picks its boundary: one that no content holds
+            pieces = [rng.randbytes(rng.randint(0, 3000)), b"\r\n--" + boundary.encode()[:rng.randint(0, len(boundary))],
+                      b"\r\n", b"--", rng.randbytes(rng.randint(0, 50))]
+            rng.shuffle(pieces)
+            content = b"".join(pieces)
+            if b"\r\n--" + boundary.encode() not in b"\r\n" + content:
+                break
+        out += f"--{boundary}\r\n{headers}\r\n\r\n".encode() + content + b"\r\n"
+    body = out + f"--{boundary}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
+    expected = [(sha(bytes(part.data)), len(part.data)) for part in parse_form(content_type, body) if part.is_file]
+    hasher = UploadFileHasher(content_type)
+    position = 0
+    while position < len(body):
+        size = rng.choice([1, 3, rng.randint(1, 70), rng.randint(1, 5000)])
+        hasher.feed(body[position:position + size])
+        position += size
+    assert hasher.finish() == expected
