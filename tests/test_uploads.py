@@ -334,3 +334,18 @@ async def test_an_upload_whose_body_a_plugin_took_fails_instead_of_going_upstrea
     status, headers, body = await asyncio.wait_for(send(gateway.base_url + "/files", os.urandom(50_000)), 10)
     assert status == 500 and error_of(body)["code"] == "gateway_error" and headers["x-request-id"]
     assert upstream.bodies == []  # never a short or empty upload
+
+
+async def test_expect_100_continue_gets_the_413_and_no_continue_for_an_upload_over_max_upload_bytes(
+        gateway_kit, custom_upstream):
+    upstream = RecordingUpstream()
+    gateway = await gateway_kit.start({"server": {"max_upload_bytes": 10_000},
+                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    host, port = gateway.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                  "Expect: 100-continue\r\nContent-Type: application/jsonl\r\nContent-Length: 20000\r\n\r\n").encode())
+    status_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413")  # not 100 Continue: the client need not send the body
+    assert upstream.calls == 0
