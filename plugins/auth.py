@@ -32,6 +32,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import msgspec
+from aiohttp import web
 
 from gatekeeper import hookimpl
 from gatekeeper.config import Config, ConfigError, decode_section
@@ -316,6 +317,27 @@ class Plugin:
         if self.shared_limiter is not None:
             report["redis"] = "ok" if await self.shared_limiter.ping() else "unavailable (rate limits not enforced)"
         return report
+
+    @hookimpl
+    def register_routes(self) -> list[web.RouteDef]:
+        return [web.get("/admin/keys", self.keys_route)]
+
+    async def keys_route(self, _request: web.Request) -> web.Response:
+        """``GET /admin/keys``: who may call this process, one entry per client key by its id, with
+        its tenant, labels, models, rpm and expiry; never a key, nor its digest."""
+        now = time.time()
+        keys = []
+        for record in sorted(self.table.clients.values(), key=lambda record: record.principal.key_id):
+            principal, expires_at = record.principal, record.expires_at
+            keys.append({
+                "id": principal.key_id, "tenant": principal.tenant, "labels": principal.labels,
+                "models": list(principal.models) if principal.models is not None else None, "rpm": record.rpm,
+                "expires": (datetime.datetime.fromtimestamp(expires_at, datetime.UTC).date().isoformat()
+                            if expires_at is not None else None),
+                "expired": expires_at is not None and now >= expires_at,
+            })
+        return web.Response(body=msgspec.json.encode({"client_keys": keys, "admin_keys": len(self.table.admins)}),
+                            content_type="application/json")
 
     @hookimpl
     def reload_config(self, config: Config) -> None:

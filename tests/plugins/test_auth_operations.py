@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import json
 import signal
 import subprocess
 import sys
@@ -156,3 +157,28 @@ async def test_sighup_with_an_invalid_config_keeps_the_old_keys(served, fake_ups
     await eventually(lambda: "reload refused" in gateway.log_text())
     assert await get_status(gateway.url, CLIENT_KEY) == 200
     assert "broken" in gateway.log_text()  # the log names the bad entry
+
+
+async def test_admin_keys_lists_who_may_call_by_key_id_and_never_a_key(gateway_kit):
+    other = "sk-gk-test-print-9999"
+    gateway = await gateway_kit.start({"auth": {"keys": [
+        {"id": "test-1", "key": CLIENT_KEY, "tenant": "test", "department": "qa"},
+        {"id": "print-1", "key_sha256": hashlib.sha256(other.encode()).hexdigest(), "tenant": "print",
+         "models": ["gpt-image-*"], "rpm": 30, "expires": "2020-01-01"},
+    ]}})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+            assert r.status == 200
+            body = await r.read()
+        async with session.get(gateway.url + "/admin/keys", headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as r:
+            assert r.status == 403
+    listed = json.loads(body)
+    assert listed == {"admin_keys": 1, "client_keys": [
+        {"id": "print-1", "tenant": "print", "labels": {}, "models": ["gpt-image-*"], "rpm": 30,
+         "expires": "2020-01-01", "expired": True},
+        {"id": "test-1", "tenant": "test", "labels": {"department": "qa"}, "models": None, "rpm": None,
+         "expires": None, "expired": False},
+    ]}
+    for secret in (CLIENT_KEY, other, ADMIN_KEY, hashlib.sha256(other.encode()).hexdigest(),
+                   hashlib.sha256(CLIENT_KEY.encode()).hexdigest()):
+        assert secret.encode() not in body
