@@ -107,7 +107,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     where = f"unix:{server.unix_socket}" if server.unix_socket else f"{scheme}://{server.host}:{server.port}"
     print(f"server       listens on {where}, max body {server.max_body_bytes} bytes, max concurrency {server.max_concurrency}")
     if server.upload_paths:
-        print(f"uploads      stream upstream unread, up to {server.max_upload_bytes} bytes: POST {', '.join(server.upload_paths)}")
+        paths = ", ".join(server.upload_paths)
+        print(f"uploads      stream upstream unread, up to {server.max_upload_bytes} bytes: POST {paths}")
     for name, upstream in config.all_upstreams().items():
         key = "key set" if upstream.api_key else "NO KEY"
         print(f"upstream     {name}: {upstream.base_url} ({key}; models {', '.join(upstream.models)})")

@@ -94,7 +94,8 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         parse_networks(self.trusted_proxies)
         for path in self.upload_paths:
             if not path.startswith("/v1/") or path.endswith("/") or "//" in path:
-                raise ValueError(f"upload_paths: {path!r} is not a path under /v1/ (\"/v1/files\", \"/v1/uploads/*/parts\")")
+                raise ValueError(f"upload_paths: {path!r} is not a path under /v1/ "
+                                 "(\"/v1/files\", \"/v1/uploads/*/parts\")")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both for HTTPS, or neither")
         if self.tls_cert_file and self.unix_socket:

@@ -2,9 +2,10 @@
 
 A file upload (the Files API takes files of up to 512 MB, an Uploads API part up to 64 MB, the
 Containers API a file for a code interpreter) is a body no stage needs to read: it is never
-cached, has no prompt to normalize and no usage to meter. Read whole first, it would be held in memory and capped by `max_body_bytes`. Instead the
-forwarder sends it upstream chunk by chunk as the client sends it, as nginx does with
-``proxy_request_buffering off``. Such a flow has ``flow.body == b""`` and ``flow.upload`` set.
+cached, has no prompt to normalize and no usage to meter. Read whole first, it would be held in
+memory and capped by `max_body_bytes`. Instead the forwarder sends it upstream chunk by chunk as
+the client sends it, as nginx does with ``proxy_request_buffering off``. Such a flow has
+``flow.body == b""`` and ``flow.upload`` set.
 
 Its body can be sent once: once the first chunk has gone upstream it is never retried or failed
 over (an upstream's 429 or 5xx is relayed as it came, for the client to decide).
@@ -76,8 +77,9 @@ class Upload:
                 raise self._fail(GatewayError(408, f"No part of the request body arrived for {self._stall_s:g} "
                                                    "seconds.", code="request_timeout")) from None
             except RequestPayloadError:  # a broken chunked encoding, a Content-Encoding that won't decode
-                raise self._fail(GatewayError(400, "The request body could not be read: its chunked encoding or "
-                                                   "its Content-Encoding is broken.", code="invalid_request_body")) from None
+                raise self._fail(GatewayError(
+                    400, "The request body could not be read: its chunked encoding or its Content-Encoding is broken.",
+                    code="invalid_request_body")) from None
             if not chunk:
                 if self.bytes_read != content.total_bytes:
                     # Someone else (a plugin calling request.read()) took part of the body: what

@@ -3,10 +3,10 @@
 One row per request adds up (about 360 bytes a row in SQLite with its indexes: 360 MB per
 million requests). Rows older than `retention_days` are deleted by every gateway process once at
 start and then every 6 hours, a chunk of rows per transaction so writers never wait long
-(replicas sharing PostgreSQL may all prune: deleting what is already gone costs one index lookup). ``gatekeeper prune-usage
---before DATE`` does the same once, by hand. Neither ever touches the current UTC month, whose
-rows budgets sum (`metering_budgets`): `retention_days` is at least 32 for that reason, and an
-earlier `--before` is refused. The default, 0, keeps every row.
+(replicas sharing PostgreSQL may all prune: deleting what is already gone costs one index lookup).
+``gatekeeper prune-usage --before DATE`` does the same once, by hand. Neither ever touches the
+current UTC month, whose rows budgets sum (`metering_budgets`): `retention_days` is at least 32
+for that reason, and an earlier `--before` is refused. The default, 0, keeps every row.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from gatekeeper import hookimpl
-from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY
+from gatekeeper.testing.kit import ADMIN_KEY, CLIENT_KEY, UPSTREAM_KEY
 
 AUTH = f"Authorization: Bearer {CLIENT_KEY}\r\n"
 IMAGE_REQUEST = b'{"model":"gpt-image-1","prompt":"a fox in the snow","quality":"low"}'
@@ -230,3 +230,23 @@ async def test_a_websocket_upgrade_is_refused_plainly_and_never_forwarded(gatewa
     error = assert_openai_error(status, headers, body, 501, "websocket_unsupported")
     assert "Realtime API" in error["message"]
     assert fake_upstream.count() == 0
+
+
+async def test_a_realtime_client_secret_is_minted_through_the_gateway_and_audited(
+        gateway_kit, custom_upstream, tmp_path):
+    # The way to the Realtime API from behind the gateway: the REST call that mints a short-lived
+    # secret goes through it (the gateway's key upstream, the tenant in the audit); the app then
+    # opens its session with OpenAI directly.
+    async def upstream(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+        return web.json_response({"value": "ek_test_123", "expires_at": 1795806847,
+                                  "session": {"type": "realtime", "model": "gpt-realtime"}})
+
+    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream)}})
+    status, _, body = await post(gateway.base_url + "/realtime/client_secrets",
+                                 b'{"session":{"type":"realtime","model":"gpt-realtime"}}',
+                                 {"Content-Type": "application/json"})
+    assert status == 200 and msgspec.json.decode(body)["value"] == "ek_test_123"
+    audit = (tmp_path / "audit" / "gatekeeper-audit.jsonl").read_bytes()
+    records = [msgspec.json.decode(line) for line in audit.splitlines()]
+    assert [(r["path"], r["tenant"], r["status"]) for r in records] == [("/v1/realtime/client_secrets", "test", 200)]

@@ -64,7 +64,8 @@ class RecordingUpstream:
 
 async def send(url: str, data, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     async with aiohttp.ClientSession() as session:
-        async with session.post(url, data=data, headers={**AUTH, "Content-Type": "application/jsonl", **(headers or {})}) as response:
+        headers = {**AUTH, "Content-Type": "application/jsonl", **(headers or {})}
+        async with session.post(url, data=data, headers=headers) as response:
             return response.status, response.headers.copy(), await response.read()
 
 
@@ -213,7 +214,8 @@ async def test_expect_100_continue_is_answered_for_an_upload_within_max_upload_b
     host, port = gateway.url.split("//")[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
-                  f"Expect: 100-continue\r\nContent-Type: application/jsonl\r\nContent-Length: {len(payload)}\r\n\r\n").encode())
+                  "Expect: 100-continue\r\nContent-Type: application/jsonl\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n").encode())
     assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(payload)
     status_line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
@@ -234,7 +236,8 @@ async def test_a_client_that_hangs_up_mid_upload_ends_as_an_abort_and_the_upstre
     await asyncio.wait_for(upstream.first_half_in.wait(), 5)
     writer.close()
     for _ in range(100):  # the flow ends once aiohttp has seen the connection go
-        records = [msgspec.json.decode(line) for line in (tmp_path / "audit" / "gatekeeper-audit.jsonl").read_bytes().splitlines()]
+        audit = tmp_path / "audit" / "gatekeeper-audit.jsonl"
+        records = [msgspec.json.decode(line) for line in audit.read_bytes().splitlines()]
         if records:
             break
         await asyncio.sleep(0.05)
@@ -267,7 +270,8 @@ async def test_the_sdk_uploads_a_file_over_max_body_bytes_and_reads_it_back(gate
     import openai
 
     gateway = await gateway_kit.start({"server": {"max_body_bytes": 65536}})
-    data = b"".join(b'{"custom_id":"r%d","method":"POST","url":"/v1/embeddings","body":{}}\n' % i for i in range(20_000))
+    line = b'{"custom_id":"r%d","method":"POST","url":"/v1/embeddings","body":{}}\n'
+    data = b"".join(line % i for i in range(20_000))
     assert len(data) > 65536 * 10
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
         created = await client.files.create(file=("batch.jsonl", data), purpose="batch")
@@ -286,8 +290,9 @@ async def test_the_sdk_uploads_a_file_in_parts_through_the_gateway(gateway_kit, 
     gateway = await gateway_kit.start({"server": {"max_body_bytes": 65536}})
     data = os.urandom(300_000)
     async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CLIENT_KEY, max_retries=0) as client:
-        upload = await client.uploads.upload_file_chunked(file=data, filename="training.jsonl", bytes=len(data),
-                                                          mime_type="text/jsonl", purpose="fine-tune", part_size=100_000)
+        upload = await client.uploads.upload_file_chunked(
+            file=data, filename="training.jsonl", bytes=len(data), mime_type="text/jsonl", purpose="fine-tune",
+            part_size=100_000)
         assert upload.status == "completed" and upload.file is not None
         assert (await client.files.content(upload.file.id)).read() == data
     parts = [call for call in fake_upstream.calls if call.path.endswith("/parts")]
