@@ -267,8 +267,13 @@ class Gateway:
             refusal = GatewayError(501, "This gateway does not relay WebSocket connections, so the Realtime API is "
                                    "not available through it.", code="websocket_unsupported")
         if refusal is not None:
-            # Refused before the body is read, yet still a flow: audit and metrics see every refusal.
-            return await self._refuse(Flow(request, request_id, path, b""), refusal)
+            # Refused before the body is read, yet still a flow: the audit, the metrics and the
+            # access log see every refusal.
+            refused = Flow(request, request_id, path, b"")
+            try:
+                return await self._refuse(refused, refusal)
+            finally:
+                self._access_log(refused)
         self.in_flight += 1
         flow: Flow | None = None
         try:

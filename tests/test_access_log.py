@@ -98,3 +98,23 @@ async def test_a_secret_registered_later_is_redacted_from_paths_logged_before(st
     before, after = stderr.lines()
     assert before["path"] == path
     assert "later-secret-for-access-log-test-42" not in after["path"] and "[redacted]" in after["path"]
+
+
+async def test_a_request_refused_before_its_body_is_read_is_logged_too(stderr, gateway_kit):
+    # Refused at the door (too large by its Content-Length, over max_concurrency, a WebSocket):
+    # an operator chasing 413s or 503s finds them in the access log like any other answer.
+    import aiohttp
+
+    from gatekeeper.testing.kit import CLIENT_KEY
+
+    gateway = await gateway_kit.start({"server": {"max_body_bytes": 1000}})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.base_url + "/images/generations", data=b"x" * 5000,
+                                headers={"Authorization": f"Bearer {CLIENT_KEY}",
+                                         "Content-Type": "application/json"}) as response:
+            assert response.status == 413
+            request_id = response.headers["x-gatekeeper-request-id"]
+    gateway.gateway.access_log.flush()
+    logged = [entry for entry in stderr.lines() if entry.get("request_id") == request_id]
+    assert [(entry["status"], entry["outcome"], entry["path"]) for entry in logged] == [
+        (413, "rejected", "/v1/images/generations")]
