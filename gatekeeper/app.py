@@ -34,6 +34,7 @@ from gatekeeper.forwarded import client_address, parse_networks
 from gatekeeper.logs import get_logger, register_secret
 from gatekeeper.memo import BoundedMemo
 from gatekeeper.plugins import PluginSet, build_hooks
+from gatekeeper.route_metrics import RouteCounts
 from gatekeeper.uploads import Upload, upload_path_pattern
 
 __all__ = ["Gateway", "GATEWAY", "PRINCIPAL", "make_app", "normalize_path"]
@@ -82,6 +83,8 @@ class Gateway:
         self.hooks = plugin_set.hooks
         self.app = app
         self.metrics = CollectorRegistry(auto_describe=True)
+        self.route_counts = RouteCounts()
+        self.metrics.register(self.route_counts)
         self.started = False
         self.in_flight = 0
         self.draining = False
@@ -273,7 +276,7 @@ class Gateway:
             try:
                 return await self._refuse(refused, refusal)
             finally:
-                self._access_log(refused)
+                self._request_done(refused)
         self.in_flight += 1
         flow: Flow | None = None
         try:
@@ -291,7 +294,7 @@ class Gateway:
         finally:
             self.in_flight -= 1
             if flow is not None:
-                self._access_log(flow)
+                self._request_done(flow)
 
     def _is_upload(self, method: str, path: str) -> bool:
         """A body that streams upstream as it arrives (`[server] upload_paths`), bounded by `max_upload_bytes`."""
@@ -508,7 +511,9 @@ class Gateway:
         flow.bytes_sent += len(chunk)
         return True
 
-    def _access_log(self, flow: Flow) -> None:
+    def _request_done(self, flow: Flow) -> None:
+        """Count the request for /metrics and write its access-log line."""
+        self.route_counts.count(flow.route, flow.status)
         if self.access_log is None:
             return
         principal = flow.principal
