@@ -22,7 +22,7 @@ import msgspec
 from aiohttp import HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gatekeeper.access_log import AccessLine, AccessLog
@@ -85,6 +85,9 @@ class Gateway:
         self.metrics = CollectorRegistry(auto_describe=True)
         self.route_counts = RouteCounts()
         self.metrics.register(self.route_counts)
+        # The core's, not a plugin's: it stays when metering is blocked or replaced.
+        Gauge("gatekeeper_in_flight_requests", "Requests being served right now.",
+              registry=self.metrics).set_function(lambda: self.in_flight)
         self.started = False
         self.in_flight = 0
         self.draining = False

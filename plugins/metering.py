@@ -162,7 +162,7 @@ class Plugin:
     @hookimpl
     async def startup(self, gateway: Any) -> None:
         await self.store.open(create=True)
-        self.metrics = MeteringMetrics(gateway.metrics, gateway, self.ledger)
+        self.metrics = MeteringMetrics(gateway.metrics, self.ledger)
         metrics = self.metrics
         self.writer = BatchWriter(
             self.store, batch_rows=self.settings.batch_rows, flush_interval_s=self.settings.flush_interval_ms / 1000,

@@ -26,7 +26,6 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from gatekeeper.app import Gateway
     from gatekeeper_plugins.metering_budgets import BudgetLedger
 
 __all__ = ["MeteringMetrics", "PlainHistogram", "RequestSeries"]
@@ -155,8 +154,7 @@ class PlainHistogram(Collector):
 class MeteringMetrics:
     """The metering plugin's collectors, one set per gateway."""
 
-    def __init__(self, registry: CollectorRegistry, gateway: Gateway | None = None,
-                 ledger: BudgetLedger | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, ledger: BudgetLedger | None = None) -> None:
         self._series: dict[tuple[str, str, int, str | None], RequestSeries] = {}
         self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         registry.register(_RequestCollector(self._series))
@@ -182,9 +180,6 @@ class MeteringMetrics:
             "Gateway time on a non-streamed cache miss: total time minus the upstream's time to headers.",
             "route", _OVERHEAD_BUCKETS, registry)
         self.queue = Gauge("gatekeeper_metering_queue_rows", "Usage rows waiting to be written.", registry=registry)
-        self.in_flight = Gauge("gatekeeper_in_flight_requests", "Requests being served right now.", registry=registry)
-        if gateway is not None:
-            self.in_flight.set_function(lambda: gateway.in_flight)
 
     def child(self, counter: Counter, *values: str) -> Counter:
         """`counter.labels(*values)`, looked up once per label values (each `labels` call takes a lock)."""

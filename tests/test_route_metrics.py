@@ -38,3 +38,12 @@ async def test_every_v1_request_is_counted_by_api_and_status(gateway_kit):
         ("files", "200"): 1, ("images", "200"): 2, ("images", "413"): 1, ("models", "200"): 1, ("models", "401"): 1,
         ("other", "404"): 2,
     }
+
+
+async def test_the_in_flight_gauge_is_the_cores_and_stays_without_metering(gateway_kit):
+    gateway = await gateway_kit.start({"plugins": {"blocked": ["metering"]}})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/metrics") as response:
+            metrics = await response.text()
+    assert re.search(r"^gatekeeper_in_flight_requests 0\.0$", metrics, re.M)
+    assert "gatekeeper_requests_total" not in metrics  # metering's own counters went with it
