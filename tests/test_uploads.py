@@ -62,6 +62,17 @@ class RecordingUpstream:
         return web.json_response(answer, status=self.status, headers={"x-request-id": f"req_up_{self.calls}"})
 
 
+@pytest.fixture
+def gateway_for(gateway_kit, custom_upstream):
+    """``await gateway_for(upstream, server_settings, **upstream_settings)``: a kit gateway whose
+    one upstream is `upstream` (a RecordingUpstream)."""
+    async def start(upstream: RecordingUpstream, server: dict | None = None, plugins=(), **settings):
+        return await gateway_kit.start({"server": server or {},
+                                        "upstream": {"base_url": await custom_upstream(upstream.handle), **settings}},
+                                       plugins=list(plugins))
+    return start
+
+
 async def send(url: str, data, headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
     async with aiohttp.ClientSession() as session:
         headers = {**AUTH, "Content-Type": "application/jsonl", **(headers or {})}
@@ -75,10 +86,9 @@ def error_of(body: bytes) -> dict:
     return error
 
 
-async def test_an_upload_larger_than_max_body_bytes_goes_upstream_whole_with_its_length(gateway_kit, custom_upstream):
+async def test_an_upload_larger_than_max_body_bytes_goes_upstream_whole_with_its_length(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"server": {"max_body_bytes": 1024},
-                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream, {"max_body_bytes": 1024})
     payload = os.urandom(300_000)
     status, headers, body = await send(gateway.base_url + "/files", payload)
     assert status == 200, body
@@ -92,10 +102,10 @@ async def test_an_upload_larger_than_max_body_bytes_goes_upstream_whole_with_its
     assert status == 413 and error_of(body)["code"] == "request_too_large"
 
 
-async def test_the_upstream_gets_the_first_bytes_before_the_client_has_sent_the_rest(gateway_kit, custom_upstream):
+async def test_the_upstream_gets_the_first_bytes_before_the_client_has_sent_the_rest(gateway_for):
     upstream = RecordingUpstream()
     upstream.half = 200_000
-    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream)
     first, rest = os.urandom(upstream.half), os.urandom(100_000)
 
     async def body():
@@ -110,10 +120,9 @@ async def test_the_upstream_gets_the_first_bytes_before_the_client_has_sent_the_
     assert "Content-Length" not in upstream.headers[0]  # the client sent it chunked; so does the gateway
 
 
-async def test_upload_parts_and_container_files_stream_and_other_upload_routes_do_not(gateway_kit, custom_upstream):
+async def test_upload_parts_and_container_files_stream_and_other_upload_routes_do_not(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"server": {"max_body_bytes": 1024},
-                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream, {"max_body_bytes": 1024})
     part = os.urandom(10_000)
     status, _, _ = await send(gateway.base_url + "/uploads/upload_abc/parts", part)
     assert status == 200 and upstream.bodies == [part]
@@ -123,10 +132,9 @@ async def test_upload_parts_and_container_files_stream_and_other_upload_routes_d
     assert status == 413 and error_of(body)["code"] == "request_too_large"
 
 
-async def test_an_upload_declared_over_max_upload_bytes_is_refused_before_it_is_read(gateway_kit, custom_upstream):
+async def test_an_upload_declared_over_max_upload_bytes_is_refused_before_it_is_read(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"server": {"max_upload_bytes": 50_000},
-                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream, {"max_upload_bytes": 50_000})
     status, headers, body = await send(gateway.base_url + "/files", os.urandom(60_000))
     assert status == 413 and headers["x-request-id"]
     error = error_of(body)
@@ -134,10 +142,9 @@ async def test_an_upload_declared_over_max_upload_bytes_is_refused_before_it_is_
     assert upstream.calls == 0
 
 
-async def test_a_chunked_upload_that_grows_past_max_upload_bytes_is_cut_with_413(gateway_kit, custom_upstream):
+async def test_a_chunked_upload_that_grows_past_max_upload_bytes_is_cut_with_413(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"server": {"max_upload_bytes": 50_000},
-                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream, {"max_upload_bytes": 50_000})
 
     async def body():
         for _ in range(8):
@@ -152,10 +159,9 @@ async def test_a_chunked_upload_that_grows_past_max_upload_bytes_is_cut_with_413
     assert status == 200
 
 
-async def test_a_client_that_stops_sending_gets_408(gateway_kit, custom_upstream):
+async def test_a_client_that_stops_sending_gets_408(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"server": {"body_timeout_s": 0.3},
-                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream, {"body_timeout_s": 0.3})
 
     async def body():
         yield b"x" * 1000
@@ -166,10 +172,9 @@ async def test_a_client_that_stops_sending_gets_408(gateway_kit, custom_upstream
     assert status == 408 and error_of(answer)["code"] == "request_timeout"
 
 
-async def test_an_upload_is_sent_once_and_an_upstream_error_is_relayed(gateway_kit, custom_upstream):
+async def test_an_upload_is_sent_once_and_an_upstream_error_is_relayed(gateway_for):
     upstream = RecordingUpstream(status=500)
-    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle),
-                                                    "max_retries": 2, "retry_backoff_s": 0.01}})
+    gateway = await gateway_for(upstream, max_retries=2, retry_backoff_s=0.01)
     payload = os.urandom(5_000)
     status, headers, body = await send(gateway.base_url + "/files", payload)
     assert status == 500 and error_of(body)["type"] == "server_error"
@@ -196,20 +201,19 @@ def test_upload_paths_must_be_paths_under_v1(path):
         parse_config({"server": {"upload_paths": [path]}})
 
 
-async def test_hashing_the_payload_shows_no_byte_changed(gateway_kit, custom_upstream):
+async def test_hashing_the_payload_shows_no_byte_changed(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream)
     payload = os.urandom(3 * 1024 * 1024 + 17)
     status, _, _ = await send(gateway.base_url + "/files", payload)
     assert status == 200
     assert hashlib.sha256(upstream.bodies[0]).digest() == hashlib.sha256(payload).digest()
 
 
-async def test_expect_100_continue_is_answered_for_an_upload_within_max_upload_bytes(gateway_kit, custom_upstream):
+async def test_expect_100_continue_is_answered_for_an_upload_within_max_upload_bytes(gateway_for):
     # curl sends Expect: 100-continue with any upload over 1 MB; the upload limit decides, not max_body_bytes.
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"server": {"max_body_bytes": 1024},
-                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream, {"max_body_bytes": 1024})
     payload = os.urandom(4096)
     host, port = gateway.url.split("//")[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
@@ -225,10 +229,10 @@ async def test_expect_100_continue_is_answered_for_an_upload_within_max_upload_b
 
 
 async def test_a_client_that_hangs_up_mid_upload_ends_as_an_abort_and_the_upstream_gets_no_whole_body(
-        gateway_kit, custom_upstream, tmp_path):
+        gateway_for, tmp_path):
     upstream = RecordingUpstream()
     upstream.half = 50_000
-    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream)
     host, port = gateway.url.split("//")[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
@@ -299,11 +303,11 @@ async def test_the_sdk_uploads_a_file_in_parts_through_the_gateway(gateway_kit, 
     assert len(parts) == 3
 
 
-async def test_a_gzip_upload_goes_upstream_decoded_and_a_broken_one_is_a_400(gateway_kit, custom_upstream, caplog):
+async def test_a_gzip_upload_goes_upstream_decoded_and_a_broken_one_is_a_400(gateway_for, caplog):
     import gzip
 
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream)
     payload = os.urandom(50_000)
     status, _, _ = await send(gateway.base_url + "/files", gzip.compress(payload), {"Content-Encoding": "gzip"})
     assert status == 200 and upstream.bodies == [payload]
@@ -331,21 +335,18 @@ class BodyReader:
         await flow.request.read()
 
 
-async def test_an_upload_whose_body_a_plugin_took_fails_instead_of_going_upstream_empty(gateway_kit, custom_upstream):
+async def test_an_upload_whose_body_a_plugin_took_fails_instead_of_going_upstream_empty(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"upstream": {"base_url": await custom_upstream(upstream.handle)}},
-                                      plugins=[BodyReader()])
+    gateway = await gateway_for(upstream, plugins=[BodyReader()])
     # Without the check, the upstream would wait for a body that never comes.
     status, headers, body = await asyncio.wait_for(send(gateway.base_url + "/files", os.urandom(50_000)), 10)
     assert status == 500 and error_of(body)["code"] == "gateway_error" and headers["x-request-id"]
     assert upstream.bodies == []  # never a short or empty upload
 
 
-async def test_expect_100_continue_gets_the_413_and_no_continue_for_an_upload_over_max_upload_bytes(
-        gateway_kit, custom_upstream):
+async def test_expect_100_continue_gets_the_413_and_no_continue_for_an_upload_over_max_upload_bytes(gateway_for):
     upstream = RecordingUpstream()
-    gateway = await gateway_kit.start({"server": {"max_upload_bytes": 10_000},
-                                       "upstream": {"base_url": await custom_upstream(upstream.handle)}})
+    gateway = await gateway_for(upstream, {"max_upload_bytes": 10_000})
     host, port = gateway.url.split("//")[1].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
