@@ -57,14 +57,10 @@ class Upload:
         self.error: GatewayError | None = None
         self.observers: list[Callable[[bytes], None]] = []
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives. Any number of these may be made, but only one read: an attempt
-        that never got to send (a refused connection) leaves the body for the next upstream."""
-        if self.started:
-            raise RuntimeError("a streamed upload can be sent only once")
-        return self._read()
-
-    async def _read(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. Any number of these may be made, but only one read (the body
+        runs at the first iteration): an attempt that never got to send (a refused connection)
+        leaves the body for the next upstream."""
         if self.started:
             raise RuntimeError("a streamed upload can be sent only once")
         self.started = True
