@@ -32,7 +32,7 @@ from gatekeeper.errors import GatewayError
 from gatekeeper.flow import Flow, Outcome
 from gatekeeper.logs import get_logger, register_secret, register_url_secrets
 from gatekeeper_plugins.audit_chain import log_files
-from gatekeeper_plugins.audit_cli import parse_search_query, search_filters, search_lines
+from gatekeeper_plugins.audit_cli import matching_lines, parse_search_query, search_filter
 from gatekeeper_plugins.audit_images import ImageFacts, analyze_images_body, analyze_responses_body
 from gatekeeper_plugins.audit_pg import TABLE_NAME, PostgresCheckpoints
 from gatekeeper_plugins.audit_record import (
@@ -197,8 +197,8 @@ class Plugin:
         except ValueError as error:
             param, message = error.args
             raise GatewayError(400, message, param=param, code="invalid_audit_query") from None
-        filters = search_filters(values)
-        lines = await asyncio.to_thread(lambda: list(search_lines(log_files(self.path), filters, limit + 1)))
+        wanted = search_filter(values)
+        lines = await asyncio.to_thread(lambda: list(matching_lines(log_files(self.path), wanted, limit + 1)))
         truncated = len(lines) > limit
         body = b"".join(line + b"\n" for line in lines[:limit])
         return web.Response(body=body, content_type="application/x-ndjson",

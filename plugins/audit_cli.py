@@ -158,13 +158,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ find-image and search
 
 
-def _print_matches(files: list[Path], wanted: Callable[[bytes, dict[str, Any]], bool]) -> int:
-    out = sys.stdout.buffer
+Wanted = Callable[[bytes, dict[str, Any]], bool]  # a stored line and its record -> keep it?
+
+
+def matching_lines(files: list[Path], wanted: Wanted, limit: int | None = None) -> Iterator[bytes]:
+    """The stored lines of the records `wanted` keeps, oldest first, at most `limit`."""
     count = 0
     for line, record, _ in iter_records(files):
         if record is not None and wanted(line, record):
-            out.write(line + b"\n")
+            if count == limit:
+                return
             count += 1
+            yield line
+
+
+def _print_lines(lines: Iterator[bytes]) -> int:
+    out = sys.stdout.buffer
+    count = 0
+    for line in lines:
+        out.write(line + b"\n")
+        count += 1
     out.flush()
     return count
 
@@ -183,8 +196,8 @@ def cmd_find_file(args: argparse.Namespace) -> int:
 def _find_digest(args: argparse.Namespace, digest: str, field: str, what: str) -> int:
     """Print the records whose `field` (a list of digests) holds `digest`; exit 1 when none does."""
     needle = digest.encode()
-    found = _print_matches(_files(_live_path(args)),
-                           lambda line, record: needle in line and digest in (record.get(field) or ()))
+    found = _print_lines(matching_lines(_files(_live_path(args)),
+                                       lambda line, record: needle in line and digest in (record.get(field) or ())))
     if not found:
         print(f"no audit record {what} with sha256 {digest}", file=sys.stderr)
         return 1
@@ -221,9 +234,9 @@ def _record_time(record: dict[str, Any]) -> datetime.datetime | None:
 SEARCH_FIELDS = ("tenant", "upstream_request_id", "request_id", "key_id", "outcome", "model", "type")
 
 
-def search_filters(values: Mapping[str, Any]) -> list[Callable[[dict[str, Any]], bool]]:
-    """The checks a record must pass: each of `SEARCH_FIELDS` given in `values` equals the record's,
-    and its `time_start` is at or after `since` and before `until` (datetimes) when given."""
+def search_filter(values: Mapping[str, Any]) -> Wanted:
+    """Keep a record when each of `SEARCH_FIELDS` given in `values` equals the record's, and its
+    `time_start` is at or after `since` and before `until` (datetimes) when given."""
     filters: list[Callable[[dict[str, Any]], bool]] = []
     for field in SEARCH_FIELDS:
         value = values.get(field)
@@ -234,19 +247,7 @@ def search_filters(values: Mapping[str, Any]) -> list[Callable[[dict[str, Any]],
         filters.append(lambda record: (moment := _record_time(record)) is not None and moment >= since)
     if until is not None:
         filters.append(lambda record: (moment := _record_time(record)) is not None and moment < until)
-    return filters
-
-
-def search_lines(files: list[Path], filters: list[Callable[[dict[str, Any]], bool]],
-                 limit: int | None = None) -> Iterator[bytes]:
-    """The stored lines of the records that pass every filter, oldest first, at most `limit`."""
-    count = 0
-    for line, record, _ in iter_records(files):
-        if record is not None and all(check(record) for check in filters):
-            if limit is not None and count == limit:
-                return
-            count += 1
-            yield line
+    return lambda _line, record: all(check(record) for check in filters)
 
 
 SEARCH_LIMIT, SEARCH_MAX_LIMIT = 1000, 100_000
@@ -276,10 +277,7 @@ def parse_search_query(query: Mapping[str, str]) -> tuple[dict[str, Any], int]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    out = sys.stdout.buffer
-    for line in search_lines(_files(_live_path(args)), search_filters(vars(args))):
-        out.write(line + b"\n")
-    out.flush()
+    _print_lines(matching_lines(_files(_live_path(args)), search_filter(vars(args))))
     return 0
 
 
